@@ -1,0 +1,178 @@
+"""Chunked (WY/UT) gated delta rule in PyTorch: the default implementation off CUDA.
+
+Within a chunk of ``C`` tokens with chunk-local cumulative log gates ``b`` the ``C`` sequential
+rank-one updates collapse into a unit-lower-triangular solve (the UT transform):
+
+    A = strict_lower(β K Kᵀ ⊙ exp(b_i − b_j)),   [W | U] = (I + A)⁻¹ [β K ⊙ e^b | β V]
+
+after which a chunk acts on the state ``S`` entering it as
+
+    v' = U − W S
+    O  = (Q ⊙ e^b) S + (Q Kᵀ ⊙ exp(b_i − b_j) ⊙ causal) v'
+    S ← e^{b_C} S + (K ⊙ e^{b_C − b})ᵀ v'.
+
+Both lines are affine in ``S``, so we fold them, for every chunk at once, into
+``O = Q̃ S + P U`` and ``S ← M S + R`` with ``Q̃ = Q⊙e^b − P W``, ``M = e^{b_C} I − K̃ᵀ W`` and
+``R = K̃ᵀ U``. Only the product ``S ← M S + R`` (one ``[K, K] @ [K, V]`` matmul per chunk) runs
+sequentially; everything else is a batched matmul over all chunks. Autograd through this keeps the
+chunk-boundary states and per-chunk ``C×C`` / ``K×K`` tensors, so memory grows with ``seq / C``,
+never with one state per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from seqzoo.ops.gated_delta_rule.reference import compute_dtype
+from seqzoo.ops.utils import l2norm
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _varlen_gather_index(cu_seqlens: torch.Tensor, chunk_size: int, seq: int) -> tuple[torch.Tensor, list[int]]:
+    """Map a packed batch onto whole chunks: every sequence starts a new chunk and is padded to a multiple of C.
+
+    Returns ``index [num_chunks * C]`` (token position, or ``seq`` for a padding row that reads a zero row)
+    and the first chunk of every sequence plus the total, ``chunk_offsets [num_seqs + 1]``.
+    """
+    offsets = cu_seqlens.tolist()
+    pieces, chunk_offsets = [], [0]
+    pad_row = torch.tensor([seq], dtype=torch.long)
+    for bos, eos in zip(offsets[:-1], offsets[1:]):
+        length = eos - bos
+        n_chunks = -(-length // chunk_size)
+        pieces.append(torch.arange(bos, eos, dtype=torch.long))
+        pieces.append(pad_row.expand(n_chunks * chunk_size - length))
+        chunk_offsets.append(chunk_offsets[-1] + n_chunks)
+    return torch.cat(pieces).to(cu_seqlens.device), chunk_offsets
+
+
+def _to_chunks(x: torch.Tensor, chunk_size: int, index: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T, H, *D]`` → ``[N, B, H, C, *D]`` with zero padding (chunks first so each loop step is contiguous)."""
+    if index is None:
+        pad = -x.shape[1] % chunk_size
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    else:
+        # A zero row at position ``seq`` serves every padding slot of the gather.
+        x = torch.cat([x, x.new_zeros(1, 1, *x.shape[2:])], dim=1)[:, index]
+    if x.dim() == 4:
+        return rearrange(x, "b (n c) h d -> n b h c d", c=chunk_size)
+    return rearrange(x, "b (n c) h -> n b h c", c=chunk_size)
+
+
+def _from_chunks(o: torch.Tensor, seq: int, index: torch.Tensor | None) -> torch.Tensor:
+    """``[N, B, H, C, V]`` → ``[B, T, H, V]``, dropping padding rows."""
+    o = rearrange(o, "n b h c d -> b (n c) h d")
+    if index is None:
+        return o[:, :seq]
+    keep = index < seq
+    return o[:, keep]
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked WY/UT gated delta rule (inputs already validated by the public function).
+
+    Args:
+        q, k: ``[batch, seq, heads, key_dim]``; v: ``[batch, seq, heads, value_dim]``.
+        beta: ``[batch, seq, heads]``; g: ``[batch, seq, heads]`` log decay (≤ 0) or ``None`` for the
+            plain delta rule (no decay terms are computed at all).
+        scale: multiplies ``q`` after the optional L2 norm.
+        initial_state: ``[num_states, heads, key_dim, value_dim]`` or ``None``.
+        cu_seqlens: ``[num_seqs + 1]`` packed offsets (batch 1) or ``None``.
+        chunk_size: tokens per chunk; any ``seq`` works (the tail is padded with β = 0, g = 0 rows).
+    Returns:
+        ``o [batch, seq, heads, value_dim]`` in ``q.dtype``, final state ``[num_states, heads, key_dim, value_dim]``
+        (fp32, float64 for float64 inputs) or ``None``.
+    """
+    out_dtype = q.dtype
+    dt = compute_dtype(q, k, v, beta, g, initial_state)
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    q, k, v, beta = (t.to(dt) for t in (q, k, v, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    index, chunk_offsets = None, None
+    if cu_seqlens is not None:
+        index, chunk_offsets = _varlen_gather_index(cu_seqlens, chunk_size, seq)
+
+    qc, kc, vc, bc = (_to_chunks(t, chunk_size, index) for t in (q, k, v, beta))
+    n_chunks = qc.shape[0]
+    qc = qc * scale
+    kb = kc * bc[..., None]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+
+    if g is not None:
+        b = _to_chunks(g.to(dt), chunk_size, index).cumsum(-1)
+        b_last = b[..., -1:]
+        # Mask the exponent, not the product: exp(b_i − b_j) above the diagonal may overflow.
+        decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        kk = (kb @ kc.transpose(-1, -2)).mul_(decay).tril_(-1)
+        qk = (qc @ kc.transpose(-1, -2)).mul_(decay)
+        eb = b.exp()[..., None]
+        rhs = torch.cat([kb * eb, vc * bc[..., None]], dim=-1)
+        q_dec = qc * eb
+        k_dec = kc * (b_last - b).exp()[..., None]
+    else:
+        kk = (kb @ kc.transpose(-1, -2)).tril_(-1)
+        qk = (qc @ kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        rhs = torch.cat([kb, vc * bc[..., None]], dim=-1)
+        q_dec, k_dec = qc, kc
+
+    eye = torch.eye(chunk_size, dtype=dt, device=q.device)
+    # One solve for both right-hand sides: wu = [W | U], [N, B, H, C, K + V].
+    wu = torch.linalg.solve_triangular(kk + eye, rhs, upper=False, unitriangular=True)
+    pwu = qk @ wu
+    q_tilde = q_dec - pwu[..., :key_dim]
+    pu = pwu[..., key_dim:]
+    kwu = k_dec.transpose(-1, -2) @ wu  # [N, B, H, K, K + V]
+    eye_k = torch.eye(key_dim, dtype=dt, device=q.device)
+    if g is not None:
+        trans = b_last.exp()[..., None] * eye_k - kwu[..., :key_dim]
+    else:
+        trans = eye_k - kwu[..., :key_dim]
+    drive = kwu[..., key_dim:]
+
+    if initial_state is not None:
+        initial_state = initial_state.to(dt)
+    # unbind, not indexing: autograd then builds the gradient of ``trans``/``drive`` with one stack
+    # instead of one zero-filled full-size tensor per chunk.
+    trans_n = trans.flatten(1, 2).unbind(0)
+    drive_n = drive.flatten(1, 2).unbind(0)
+    states = []
+    finals = []
+    if chunk_offsets is None:
+        state = initial_state if initial_state is not None else q.new_zeros(batch, heads, key_dim, value_dim, dtype=dt)
+        for n in range(n_chunks):
+            states.append(state)
+            state = torch.baddbmm(drive_n[n], trans_n[n], state.flatten(0, 1)).view_as(state)
+        finals.append(state)
+    else:
+        for i, (first, end) in enumerate(zip(chunk_offsets[:-1], chunk_offsets[1:])):
+            if initial_state is not None:
+                state = initial_state[i : i + 1]
+            else:
+                state = q.new_zeros(1, heads, key_dim, value_dim, dtype=dt)
+            for n in range(first, end):
+                states.append(state)
+                state = torch.baddbmm(drive_n[n], trans_n[n], state.flatten(0, 1)).view_as(state)
+            finals.append(state)
+    state_in = torch.stack(states)  # [N, B, H, K, V], the state entering every chunk
+    o = torch.baddbmm(pu.flatten(0, 2), q_tilde.flatten(0, 2), state_in.flatten(0, 2)).view_as(pu)
+    o = _from_chunks(o, seq, index).to(out_dtype)
+    final = torch.cat(finals) if output_final_state else None
+    return o, final
