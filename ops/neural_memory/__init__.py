@@ -1,0 +1,209 @@
+"""Titans neural long-term memory (Behrouz et al., 2024) as a sequence op: ``neural_memory``.
+
+Per (sequence, head) the memory ``M`` (linear ``k ↦ kW``, or a 2-layer MLP) is trained online on the
+keys and values by gradient descent with momentum and forgetting, and read with the queries:
+
+    u_t = ∇_W ½‖M(k_t; W') − v_t‖²        W' = the weights at the start of token t's chunk
+    S_t = η_t S_{t−1} − θ_t u_t            (momentum, "past surprise")
+    W_t = (1 − α_t) W_{t−1} + S_t          (forgetting)
+    o_t = M(q_t; W_t)                      (read after the update, inclusive)
+
+Chunks are counted from the start of each call, and ``chunk_size`` is part of the model, not a speed
+knob: ``chunk_size=1`` is the exact online recurrence, larger chunks take every gradient of a chunk at
+the chunk-start weights (Titans' and TTT's mini-batch form), and outputs differ between chunk sizes.
+
+Streaming contract (for layers that prefill, then decode): splitting a sequence at a multiple of
+``chunk_size`` and passing ``output_final_state`` of the first call as ``initial_state`` of the second
+gives exactly the one-call result. A split in mid-chunk does not, because the second call would start a
+new chunk. To continue a partial chunk, keep the state of the last chunk boundary plus the pending
+tokens (fewer than ``chunk_size``) and call again from that boundary with the pending tokens prepended
+(discarding their repeated outputs); commit the new boundary state only when a chunk completes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp
+from seqzoo.ops.neural_memory.memory import ACTIVATIONS, LinearMemoryState, MLPMemoryState, MLPSpec
+from seqzoo.ops.neural_memory.reference import neural_memory_reference
+from seqzoo.ops.utils import check_float, check_qkv, check_shape, check_state, fail, resolve_backend
+
+__all__ = [
+    "LinearMemoryState",
+    "MLPMemoryState",
+    "neural_memory",
+    "neural_memory_reference",
+]
+
+_OP = "neural_memory"
+MEMORY_KINDS = ("linear", "mlp")
+
+
+def _check_gate(name: str, g: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, upper: bool) -> None:
+    """Gates are ``[batch, seq, heads]`` on q's device, finite, ``>= 0`` and (``upper``) ``<= 1``."""
+    if g is None:
+        return
+    check_float(_OP, name, g)
+    check_shape(_OP, name, g, shape)
+    if g.device != device:
+        fail(_OP, f"{name} is on {g.device}, expected {device} like q")
+    if g.numel() == 0:
+        return
+    if not torch.isfinite(g).all():
+        fail(_OP, f"{name} contains NaN or Inf")
+    lo, hi = g.min().item(), g.max().item()
+    if lo < 0 or (upper and hi > 1):
+        fail(_OP, f"{name} must lie in {'[0, 1]' if upper else '[0, inf)'}, got values in [{lo:.4g}, {hi:.4g}]")
+
+
+def _state_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32 state for fp32/fp16/bf16 inputs, fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _initial_state(
+    memory: str,
+    initial_state,
+    shape_bhkv: tuple[int, int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LinearMemoryState | MLPMemoryState:
+    """Validate ``initial_state`` and return it as a full state in the compute dtype."""
+    batch, heads, key_dim, value_dim = shape_bhkv
+    if memory == "linear":
+        if initial_state is None:
+            zeros = torch.zeros(batch, heads, key_dim, value_dim, device=device, dtype=dtype)
+            return LinearMemoryState(zeros, zeros)
+        if isinstance(initial_state, torch.Tensor) or len(initial_state) != 2:
+            fail(_OP, "initial_state for memory='linear' must be a (weight, momentum) pair, e.g. LinearMemoryState")
+        for name, t in zip(LinearMemoryState._fields, initial_state):
+            check_state(_OP, f"initial_state.{name}", t, (batch, heads, key_dim, value_dim))
+            if t.device != device:
+                fail(_OP, f"initial_state.{name} is on {t.device}, expected {device} like q")
+        return LinearMemoryState(*(t.to(dtype) for t in initial_state))
+    if initial_state is None:
+        fail(_OP, "memory='mlp' needs initial_state=MLPMemoryState(w1, w2, s1, s2): zero MLP weights never learn")
+    if isinstance(initial_state, torch.Tensor) or len(initial_state) != 4:
+        fail(_OP, "initial_state for memory='mlp' must be MLPMemoryState(w1, w2, s1, s2)")
+    w1 = initial_state[0]
+    check_float(_OP, "initial_state.w1", w1)
+    if w1.dim() != 4:
+        fail(_OP, f"initial_state.w1 must be [batch, heads, key_dim, hidden], got shape {tuple(w1.shape)}")
+    hidden = w1.shape[-1]
+    shapes = {
+        "w1": (batch, heads, key_dim, hidden),
+        "w2": (batch, heads, hidden, value_dim),
+        "s1": (batch, heads, key_dim, hidden),
+        "s2": (batch, heads, hidden, value_dim),
+    }
+    for name, t in zip(MLPMemoryState._fields, initial_state):
+        check_state(_OP, f"initial_state.{name}", t, shapes[name])
+        if t.device != device:
+            fail(_OP, f"initial_state.{name} is on {t.device}, expected {device} like q")
+    return MLPMemoryState(*(t.to(dtype) for t in initial_state))
+
+
+def neural_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    *,
+    chunk_size: int = 16,
+    memory: str = "linear",
+    initial_state: LinearMemoryState | MLPMemoryState | tuple[torch.Tensor, ...] | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+    mlp_activation: str = "gelu",
+    mlp_residual_norm: bool = False,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState | None]:
+    """Titans neural long-term memory: write ``(k, v)`` by gradient steps with momentum and forgetting, read ``q``.
+
+    Args:
+        q: ``[batch, seq, heads, key_dim]`` queries (no normalisation or scale is applied).
+        k: ``[batch, seq, heads, key_dim]`` keys.
+        v: ``[batch, seq, heads, value_dim]`` values.
+        lr: ``[batch, seq, heads]`` inner learning rate θ ≥ 0.
+        momentum: ``[batch, seq, heads]`` momentum decay η ∈ [0, 1]; ``None`` means η = 0 (no momentum).
+        decay: ``[batch, seq, heads]`` forget rate α ∈ [0, 1] (``W ← (1−α) W + S``); ``None`` means α = 0.
+        chunk_size: tokens per chunk (≥ 1); gradients inside a chunk are taken at its start. Semantic.
+        memory: ``"linear"`` (``M(x) = xW``) or ``"mlp"`` (``σ(x W1) W2``, hidden size from ``initial_state``).
+        initial_state: ``LinearMemoryState(weight, momentum)`` (each ``[batch, heads, key_dim, value_dim]``;
+            ``None`` = zeros) or, required for ``"mlp"``, ``MLPMemoryState(w1, w2, s1, s2)`` with
+            ``w1, s1: [batch, heads, key_dim, hidden]`` and ``w2, s2: [batch, heads, hidden, value_dim]``.
+            Gradients flow into it.
+        output_final_state: also return the state after the last token.
+        backend: ``"auto"`` (Triton on CUDA for the linear memory, chunked PyTorch otherwise),
+            ``"torch"``, ``"triton"`` (linear memory only) or ``"reference"`` (the token loop; slow).
+        mlp_activation: hidden activation of the MLP memory: ``"gelu"`` (exact), ``"silu"``, ``"relu"``, ``"tanh"``.
+        mlp_residual_norm: MLP memory ``x + γ ⊙ LN(σ(x W1) W2) + b`` (needs ``key_dim == value_dim``).
+        ln_weight, ln_bias: ``[heads, value_dim]`` LN gain/bias of that head, outer parameters (defaults 1, 0).
+        ln_eps: the LayerNorm epsilon.
+
+    Returns:
+        ``(o, final_state)``: ``o: [batch, seq, heads, value_dim]`` in q's dtype; the final state in fp32
+        (fp64 for fp64 inputs), of the same kind as ``initial_state``, or ``None``.
+    """
+    batch, seq, heads, key_dim, value_dim = check_qkv(_OP, q, k, v)
+    gate_shape = (batch, seq, heads)
+    if lr is None:
+        fail(_OP, "lr (the inner learning rate θ) is required")
+    _check_gate("lr", lr, gate_shape, q.device, upper=False)
+    _check_gate("momentum", momentum, gate_shape, q.device, upper=True)
+    _check_gate("decay", decay, gate_shape, q.device, upper=True)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        fail(_OP, f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if memory not in MEMORY_KINDS:
+        fail(_OP, f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_KINDS)}")
+    requested = backend
+    backend = resolve_backend(_OP, backend, q, k, v)
+
+    spec = None
+    if memory == "mlp":
+        if mlp_activation not in ACTIVATIONS:
+            fail(_OP, f"unknown mlp_activation {mlp_activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if mlp_residual_norm and key_dim != value_dim:
+            fail(_OP, f"mlp_residual_norm needs key_dim == value_dim, got {key_dim} and {value_dim}")
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if t is not None:
+                if not mlp_residual_norm:
+                    fail(_OP, f"{name} is only used with mlp_residual_norm=True")
+                check_float(_OP, name, t)
+                check_shape(_OP, name, t, (heads, value_dim))
+        spec = MLPSpec(mlp_activation, bool(mlp_residual_norm), ln_weight, ln_bias, float(ln_eps))
+        if backend == "triton":
+            if requested == "triton":
+                fail(_OP, "backend='triton' supports memory='linear' only; use backend='torch' for 'mlp'")
+            backend = "torch"  # "auto" on CUDA: no MLP kernel yet
+    elif ln_weight is not None or ln_bias is not None or mlp_residual_norm:
+        fail(_OP, "ln_weight, ln_bias and mlp_residual_norm apply to memory='mlp' only")
+
+    dtype = _state_dtype(q)
+    state = _initial_state(memory, initial_state, (batch, heads, key_dim, value_dim), q.device, dtype)
+    zeros = None
+    if momentum is None or decay is None:
+        zeros = torch.zeros(gate_shape, device=q.device, dtype=dtype)
+    momentum = zeros if momentum is None else momentum
+    decay = zeros if decay is None else decay
+
+    if seq == 0:
+        o = q.new_zeros(batch, 0, heads, value_dim)
+        return o, (state if output_final_state else None)
+
+    if backend == "reference":
+        o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+    elif memory == "mlp":
+        o, final = neural_memory_chunk_mlp(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+    elif backend == "triton":
+        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_linear
+
+        o, final = neural_memory_triton_linear(q, k, v, lr, momentum, decay, chunk_size, state)
+    else:
+        o, final = neural_memory_chunk_linear(q, k, v, lr, momentum, decay, chunk_size, state)
+    return o.to(q.dtype), (final if output_final_state else None)

@@ -1,0 +1,79 @@
+"""Token-by-token oracle for the Titans neural memory: clarity over speed, used only by tests and benchmarks.
+
+Each token's inner gradient is taken *with autograd* at the weights the token's chunk started from
+(``create_graph=True``, so outer gradients flow through it), then the momentum/forget recurrence is run
+one token at a time and the query is read with the freshly updated weights (retrieve after update).
+Nothing here uses the closed forms of the chunked implementation, which is what makes it an oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqzoo.ops.neural_memory.memory import (
+    LinearMemoryState,
+    MLPMemoryState,
+    MLPSpec,
+    mlp_apply,
+)
+
+
+def _memory_apply(x: torch.Tensor, weights: tuple[torch.Tensor, ...], mlp: MLPSpec | None) -> torch.Tensor:
+    """Memory forward for one token of every sequence and head: ``x [B, H, key_dim] -> [B, H, value_dim]``."""
+    if mlp is None:
+        return torch.einsum("bhk,bhkv->bhv", x, weights[0])
+    return mlp_apply(x.unsqueeze(-2), weights[0], weights[1], mlp).squeeze(-2)
+
+
+def neural_memory_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    decay: torch.Tensor,
+    chunk_size: int,
+    state: LinearMemoryState | MLPMemoryState,
+    mlp: MLPSpec | None = None,
+) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState]:
+    """Primal per-token loop with chunk-start gradients.
+
+    Args:
+        q, k: ``[batch, seq, heads, key_dim]``; v: ``[batch, seq, heads, value_dim]``.
+        lr, momentum, decay: ``[batch, seq, heads]`` gates θ, η, α (already validated, no ``None``).
+        chunk_size: gradients of every token of a chunk are taken at the chunk-start weights.
+        state: the initial state (fp32 or fp64), a full ``LinearMemoryState`` or ``MLPMemoryState``.
+        mlp: the deep-memory description, ``None`` for the linear memory.
+
+    Returns:
+        ``(o [batch, seq, heads, value_dim] in the state's dtype, final state of the same kind)``.
+    """
+    batch, seq, heads, _ = q.shape
+    dtype = state[0].dtype
+    n_w = len(state) // 2
+    weights = tuple(state[:n_w])
+    moms = tuple(state[n_w:])
+    outputs = []
+    # The inner gradient must be differentiable even under torch.no_grad (inference): it is the update.
+    with torch.enable_grad():
+        base: tuple[torch.Tensor, ...] = weights
+        for t in range(seq):
+            if t % chunk_size == 0:
+                # Constant bases (no grad) still need requires_grad to take the inner gradient.
+                base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
+            k_t = k[:, t].to(dtype)
+            v_t = v[:, t].to(dtype)
+            q_t = q[:, t].to(dtype)
+            theta = lr[:, t].to(dtype)[..., None, None]
+            eta = momentum[:, t].to(dtype)[..., None, None]
+            retain = 1 - decay[:, t].to(dtype)[..., None, None]
+            # ½‖M(k) − v‖², summed over batch and heads: each (batch, head) owns its weights, so the
+            # gradient of the sum with respect to them is each pair's own gradient.
+            loss = 0.5 * (_memory_apply(k_t, base, mlp) - v_t).pow(2).sum()
+            grads = torch.autograd.grad(loss, base, create_graph=True)
+            moms = tuple(eta * s - theta * g for s, g in zip(moms, grads))
+            weights = tuple(retain * w + s for w, s in zip(weights, moms))
+            outputs.append(_memory_apply(q_t, weights, mlp))
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=dtype)
+    final = type(state)(*weights, *moms)
+    return o, final
