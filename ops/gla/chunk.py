@@ -16,16 +16,18 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from seqzoo.ops.simple_gla.chunk import ChunkLayout, scan_chunk_states
+from seqzoo.ops.simple_gla.chunk import ChunkLayout, reverse_exclusive_cumsum, scan_chunk_states
 from seqzoo.ops.utils import default_scale
 
 
-def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor, sub_chunk: int = 16) -> torch.Tensor:
+def intra_chunk_scores(
+    qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.Tensor, sub_chunk: int = 16
+) -> torch.Tensor:
     """Causal scores ``A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk)`` (``j <= i``) within each chunk.
 
     Args:
         qc, kc: ``[..., C, K]`` chunked queries (already scaled) and keys.
-        b: ``[..., C, K]`` inclusive chunk-local cumsum of the log gates.
+        g: ``[..., C, K]`` the chunked log gates; ``b`` their inclusive chunk-local cumsum.
 
     Returns:
         ``[..., C, C]``, zero above the diagonal.
@@ -33,9 +35,10 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor, sub_
     chunk = qc.shape[-2]
     n_sub = chunk // sub_chunk
     split = lambda x: rearrange(x, "... (s c) k -> ... s c k", c=sub_chunk)  # noqa: E731
-    qs, ks, bs = split(qc), split(kc), split(b)
+    qs, ks, bs, gs = split(qc), split(kc), split(b), split(g)
     ref = bs[..., 0, :]  # [..., S, K]
-    q_rel = qs * (bs - ref[..., None, :]).exp()
+    # b_i − ref as a cumsum of the sub-chunk's gates after its first, so row 0 is an exact 0.
+    q_rel = qs * torch.cumsum(torch.cat([torch.zeros_like(gs[..., :1, :]), gs[..., 1:, :]], dim=-2), dim=-2).exp()
     # Keys strictly before sub-chunk I, relative to I's reference point; the rest masked in the
     # exponent (→ exp(-inf) = 0) so no positive exponent is ever evaluated.
     before = torch.arange(chunk, device=qc.device)[None, :] < (torch.arange(n_sub, device=qc.device) * sub_chunk)[:, None]
@@ -44,7 +47,10 @@ def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor, sub_
     scores = rearrange(q_rel @ k_rel.transpose(-1, -2), "... s c j -> ... (s c) j")
     # Diagonal sub-blocks exactly: exp(b_ik − b_jk) for j <= i inside the sub-chunk.
     causal = torch.ones(sub_chunk, sub_chunk, dtype=torch.bool, device=qc.device).tril()
+    # The diagonal factor is the constant 1, not exp(b_i − b_i): see simple_gla.chunk on why.
+    eye_c = torch.eye(sub_chunk, dtype=torch.bool, device=qc.device)
     d_exp = (bs[..., :, None, :] - bs[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    d_exp = d_exp.masked_fill(eye_c[..., None], 0.0)
     diag = (qs[..., :, None, :] * ks[..., None, :, :] * d_exp.exp()).sum(-1)  # [..., S, c, c]
     eye = torch.eye(n_sub, dtype=qc.dtype, device=qc.device)
     return scores + rearrange(torch.einsum("...sij,st->...sitj", diag, eye), "... s i t j -> ... (s i) (t j)")
@@ -78,11 +84,11 @@ def gla_chunk(
     qc = layout.to_chunks(q.to(acc) * scale)
     kc = layout.to_chunks(k.to(acc))
     vc = layout.to_chunks(v.to(acc))
-    b = torch.cumsum(layout.to_chunks(g.to(acc)), dim=-2)
-    b_last = b[..., -1:, :]
-    scores = intra_chunk_scores(qc, kc, b, sub_chunk)
-    kv = (kc * (b_last - b).exp()).transpose(-1, -2) @ vc
-    decay = rearrange(b_last.exp(), "... one k -> ... k one")
+    gc = layout.to_chunks(g.to(acc))
+    b = torch.cumsum(gc, dim=-2)
+    scores = intra_chunk_scores(qc, kc, gc, b, sub_chunk)
+    kv = (kc * reverse_exclusive_cumsum(gc, dim=-2).exp()).transpose(-1, -2) @ vc
+    decay = rearrange(b[..., -1:, :].exp(), "... one k -> ... k one")
     states, finals = scan_chunk_states(kv, decay, layout, initial_state, num_seqs)
     o = (qc * b.exp()) @ states + scores @ vc
     o = layout.from_chunks(o).to(q.dtype)

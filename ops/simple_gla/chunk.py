@@ -111,6 +111,12 @@ def scan_chunk_states(
     return torch.stack(states, dim=2), torch.cat(finals, dim=0)
 
 
+def reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``y_i = Σ_{s>i} x_s`` along ``dim``; the last entry is an exact 0 that does not depend on ``x``."""
+    shifted = torch.cat([x.narrow(dim, 1, x.shape[dim] - 1), torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)
+    return shifted.flip(dim).cumsum(dim).flip(dim)
+
+
 def simple_gla_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,12 +154,17 @@ def simple_gla_chunk(
     else:
         # Inclusive chunk-local cumsum of log gates: every factor below is exp(b_i - b_j) with i >= j
         # (or exp of the chunk total), so no exponent is positive and nothing can overflow.
-        b = torch.cumsum(layout.to_chunks(g.to(acc)), dim=-1)
-        b_last = b[..., -1:]
-        diff = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))
+        gc = layout.to_chunks(g.to(acc))
+        b = torch.cumsum(gc, dim=-1)
+        # The diagonal factor exp(b_i - b_i) is the constant 1: building it from b would add two
+        # large, opposite gate-gradient terms whose rounding swamps a tiny true gradient (g → −30).
+        diag = torch.eye(chunk_size, dtype=torch.bool, device=q.device)
+        diff = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).masked_fill(diag, 0.0)
         scores = scores * diff.exp()
-        kv = (kc * (b_last - b).exp()[..., None]).transpose(-1, -2) @ vc
-        decay = b_last.exp()[..., None]
+        # b_last - b_i as the exclusive reverse cumsum Σ_{s>i} g_s, for the same reason (exact 0 at the end).
+        to_end = reverse_exclusive_cumsum(gc, dim=-1)
+        kv = (kc * to_end.exp()[..., None]).transpose(-1, -2) @ vc
+        decay = b[..., -1:].exp()[..., None]
         q_in = qc * b.exp()[..., None]
     states, finals = scan_chunk_states(kv, decay, layout, initial_state, num_seqs)
     o = q_in @ states + scores @ vc
