@@ -1,0 +1,71 @@
+"""Atomic checkpoint writing and one-line-error checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from seqzoo.models.language_model import LanguageModel
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write ``NAME.tmp`` beside the target, fsync it, rename it over the target, fsync the folder.
+
+    A run killed mid-save leaves only a ``.tmp`` file beside intact checkpoints (Lightning's own
+    save goes through ``$TMPDIR`` and can leave a truncated checkpoint under its final name).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location or "cpu")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete ``*.tmp`` files a killed save left behind."""
+    for tmp in Path(folder).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load`` a checkpoint; a missing or unreadable file fails with one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises EOFError, OSError, UnpicklingError… for damaged files
+        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated'})") from None
+
+
+def load_language_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[LanguageModel, dict[str, Any]]:
+    """Rebuild the :class:`LanguageModel` of a training checkpoint.
+
+    Returns ``(model in eval mode, run config as a plain dict)``; the model config is taken from the
+    checkpoint's hyperparameters, so no config file is needed.
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    config = checkpoint.get("hyper_parameters", {}).get("config")
+    if not config or "model" not in config:
+        raise ValueError(f"checkpoint {path} holds no seqzoo run config (was it written by seqzoo's train.py?)")
+    model = LanguageModel(config["model"])
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval(), config

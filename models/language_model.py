@@ -1,0 +1,231 @@
+"""The language model: embedding, a pattern of pre-norm mixer blocks, final RMSNorm and a head."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqzoo.models.base import TokenMixer
+from seqzoo.models.cache import ModelCache
+from seqzoo.models.modules import RMSNorm, SwiGLU
+from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class
+
+
+@dataclass
+class LanguageModelConfig:
+    """Everything that defines a :class:`LanguageModel` (saved with every checkpoint).
+
+    Attributes:
+        vocab_size: number of token ids.
+        hidden_size: model width.
+        num_layers: number of blocks.
+        pattern: mixer names; layer ``i`` uses ``pattern[i % len(pattern)]``, so
+            ``[gated_deltanet, gated_deltanet, gated_deltanet, attention]`` is a 3:1 hybrid.
+        mixers: options per mixer name, e.g. ``{"attention": {"num_heads": 4}}``.
+        mlp: ``"swiglu"`` or ``None`` (no channel mixer, as in Zoology's MQAR models).
+        intermediate_size: SwiGLU inner width (default 8/3 · hidden).
+        tie_embeddings: share the embedding matrix with the output head.
+        norm_eps: RMSNorm epsilon.
+        init_std: std of the normal init of linear and embedding weights.
+    """
+
+    vocab_size: int
+    hidden_size: int = 128
+    num_layers: int = 2
+    pattern: list[str] = field(default_factory=lambda: ["attention"])
+    mixers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mlp: str | None = None
+    intermediate_size: int | None = None
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LanguageModelConfig:
+        """Build and validate from a plain mapping; unknown keys or bad sizes fail with one line."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"model config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        if "vocab_size" not in values:
+            raise ConfigError("model config: vocab_size is required")
+        config = cls(**{k: (dict(v) if k == "mixers" else list(v) if k == "pattern" else v) for k, v in values.items()})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check sizes, the pattern and the mixer options (names must be registered)."""
+        for name in ("vocab_size", "hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ConfigError(f"model config: intermediate_size must be positive, got {self.intermediate_size}")
+        if not self.pattern:
+            raise ConfigError("model config: pattern must name at least one mixer")
+        for name in self.pattern:
+            get_mixer_class(name)
+        unused = sorted(set(self.mixers) - set(self.pattern))
+        if unused:
+            raise ConfigError(f"model config: options given for mixer(s) {', '.join(unused)} not in pattern {self.pattern}")
+        if self.mlp not in (None, "swiglu"):
+            raise ConfigError(f"model config: mlp must be 'swiglu' or null, got {self.mlp!r}")
+
+    def layer_mixers(self) -> list[str]:
+        """The mixer name of every layer, the pattern repeated to the depth."""
+        return [self.pattern[i % len(self.pattern)] for i in range(self.num_layers)]
+
+
+class Block(nn.Module):
+    """One pre-norm residual block: ``x ← x + mixer(norm(x)); x ← x + mlp(norm(x))`` (MLP optional)."""
+
+    def __init__(self, config: LanguageModelConfig, layer_idx: int, mixer_name: str) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer: TokenMixer = build_mixer(mixer_name, config.hidden_size, layer_idx, config.mixers.get(mixer_name))
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps) if config.mlp else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.mlp else None
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; ``cache`` is this layer's :class:`LayerCache`."""
+        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    """A causal language model whose token mixers come from a pattern of registered names.
+
+    ``forward(input_ids [batch, seq], cache=None) -> logits [batch, seq, vocab]``. With a
+    :class:`ModelCache` (from :meth:`init_cache`) every layer continues from its cached state, so a
+    prompt can be prefilled in one call and continued token by token (:meth:`generate`).
+    """
+
+    def __init__(self, config: LanguageModelConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        if not isinstance(config, LanguageModelConfig):
+            config = LanguageModelConfig.from_dict(config)
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i, name) for i, name in enumerate(config.layer_mixers()))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Layers keep their own special parameters (decay logs, dt biases) as bare Parameters, which this leaves alone.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def init_cache(self, batch_size: int) -> ModelCache:
+        """An empty decoding cache, one :class:`LayerCache` per layer."""
+        return ModelCache([block.mixer.init_cache(batch_size) for block in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` for ``input_ids: [batch, seq]`` (integer token ids)."""
+        return self.head(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[batch, seq, hidden]`` (the head's input) for ``input_ids: [batch, seq]``."""
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"LanguageModel: input_ids must be integer [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{input_ids.min().item()}, {input_ids.max().item()}]")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"LanguageModel: cache has {len(cache)} layers, model has {len(self.blocks)}")
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if cache is None else cache[i])
+        return self.norm(x)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy over positions whose label is not -100.
+
+        Returns ``(loss, correct, count)``: mean loss, number of argmax hits and number of labelled positions.
+        """
+        hidden = self.hidden_states(input_ids)
+        valid = labels != -100
+        # The head runs only where there is a label: MQAR labels a few positions per sequence.
+        logits = self.head(hidden[valid]).float()
+        targets = labels[valid]
+        loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss, correct, valid.sum()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids: [batch, seq]`` by ``max_new_tokens`` tokens; returns ``[batch, seq + new]``.
+
+        The prompt is prefilled in one parallel pass, then tokens are decoded one at a time through
+        each layer's cache. ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens.
+        ``use_cache=False`` recomputes the whole sequence each step (the reference for tests).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"generate: top_k must be >= 1, got {top_k}")
+        was_training = self.training
+        self.eval()
+        cache = self.init_cache(input_ids.shape[0]) if use_cache else None
+        tokens = input_ids
+        logits = self(input_ids, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            next_token = _sample(logits, temperature, top_k, generator)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if step + 1 == max_new_tokens:
+                break
+            logits = (self(next_token[:, None], cache=cache) if use_cache else self(tokens))[:, -1]
+        self.train(was_training)
+        return tokens
+
+    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
+        """Bytes of every layer's decoding state after a prompt of ``seq_len`` tokens."""
+        return sum(block.mixer.state_size(batch=batch, seq_len=seq_len) for block in self.blocks)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names exempt from weight decay: norms, biases, embeddings, and any flagged ``_no_weight_decay``."""
+        names = set()
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if param.dim() < 2 or isinstance(module, (nn.Embedding, RMSNorm)) or getattr(param, "_no_weight_decay", False):
+                    names.add(full)
+        return names
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ``[batch]`` from logits ``[batch, vocab]``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

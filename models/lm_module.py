@@ -1,0 +1,102 @@
+"""The LightningModule that trains a :class:`LanguageModel`: loss, accuracy, AdamW, warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from seqzoo.models.language_model import LanguageModel
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio`` at ``total_steps``.
+
+    A pure function of the step, so a resumed run follows the same schedule.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModelModule(pl.LightningModule):
+    """Trains a :class:`LanguageModel` on batches ``{"input_ids", "labels"[, "segment"]}``.
+
+    Args:
+        config: the whole run config as a plain dict (saved with every checkpoint); reads
+            ``config["model"]``, ``config["optim"]`` and ``config["seed"]``.
+        segment_names: names of the evaluation segments (MQAR); per-segment accuracy is logged
+            as ``val/acc/<name>`` and ``test/acc/<name>``.
+    """
+
+    def __init__(self, config: dict[str, Any], segment_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "segment_names": segment_names})
+        self.config = config
+        self.optim = config["optim"]
+        self.seed = int(config["seed"])
+        self.model = LanguageModel(config["model"])
+        self.segment_names = list(segment_names or ["all"])
+        self._eval_counts = torch.zeros(2, len(self.segment_names), dtype=torch.float64)
+        self._eval_loss = torch.zeros(2, dtype=torch.float64)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseeding from the step (not restoring RNG states) keeps dropout identical after a resume.
+        torch.manual_seed(self.seed * 1_000_003 + self.trainer.global_step * 1009 + self.trainer.global_rank)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", correct / count.clamp(min=1), prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"])
+        segment = int(batch.get("segment", 0))
+        self._eval_counts[0, segment] += correct.item()
+        self._eval_counts[1, segment] += count.item()
+        self._eval_loss += torch.tensor([loss.item() * count.item(), count.item()], dtype=torch.float64)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        # clone: on one process reduce() hands back the very tensor that is zeroed below.
+        counts = self.trainer.strategy.reduce(self._eval_counts.clone().to(self.device), reduce_op="sum").cpu()
+        loss = self.trainer.strategy.reduce(self._eval_loss.clone().to(self.device), reduce_op="sum").cpu()
+        self._eval_counts.zero_()
+        self._eval_loss.zero_()
+        total = counts.sum(1)
+        self.log(f"{stage}/acc", (total[0] / total[1].clamp(min=1)).item(), prog_bar=True)
+        self.log(f"{stage}/loss", (loss[0] / loss[1].clamp(min=1)).item(), prog_bar=stage == "val")
+        if len(self.segment_names) > 1:
+            for name, (hit, n) in zip(self.segment_names, counts.T):
+                self.log(f"{stage}/acc/{name}", (hit / n.clamp(min=1)).item())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        no_decay = {f"model.{name}" for name in self.model.no_weight_decay_names()}
+        decay_params, other_params = [], []
+        for name, param in self.named_parameters():
+            (other_params if name in no_decay else decay_params).append(param)
+        groups = [
+            {"params": decay_params, "weight_decay": self.optim["weight_decay"]},
+            {"params": other_params, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]), eps=self.optim["eps"])
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.optim["warmup_steps"], int(total), self.optim["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,148 @@
+"""Building blocks shared by several layers: norms, the SwiGLU MLP, a causal short convolution, RoPE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, computed in fp32: ``x / rms(x) * weight``.
+
+    Args:
+        dim: size of the normalised (last) dimension.
+        eps: added to the mean square. Default: 1e-6.
+    Shapes: ``[..., dim] -> [..., dim]`` (input dtype kept).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = upcast(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm of ``x`` multiplied by ``act(gate)`` (Mamba-2 / Gated DeltaNet output norm).
+
+    Shapes: ``x, gate: [..., dim] -> [..., dim]``. ``norm_before_gate=True`` normalises then gates
+    (fla's ``FusedRMSNormGated``); ``False`` gates then normalises (Mamba-2's default).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu", norm_before_gate: bool = True) -> None:
+        super().__init__(dim, eps)
+        self.activation = _activation(activation)
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = self.activation(upcast(gate))
+        if self.norm_before_gate:
+            return (upcast(super().forward(x)) * g).to(x.dtype)
+        return super().forward((upcast(x) * g).to(x.dtype))
+
+
+class SwiGLU(nn.Module):
+    """The SwiGLU MLP ``down(silu(gate(x)) * up(x))``.
+
+    Args:
+        hidden_size: model width.
+        intermediate_size: inner width; default ``8/3 · hidden`` rounded up to a multiple of 32.
+    Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        if intermediate_size is None:
+            intermediate_size = 32 * ((int(hidden_size * 8 / 3) + 31) // 32)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise 1-D convolution over time with a decode cache (the conv "tail").
+
+    Args:
+        channels: number of channels (each convolved independently).
+        kernel_size: taps; output ``t`` sees inputs ``t-kernel_size+1 … t``. Default: 4.
+        activation: ``"silu"`` or ``None``.
+        bias: learnable bias. Default: False.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False) -> None:
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"ShortConvolution: kernel_size must be >= 1, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
+        self.activation = _activation(activation)
+
+    def forward(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None = None, output_state: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Convolve ``x: [batch, seq, channels]``.
+
+        ``conv_state: [batch, kernel_size-1, channels]`` holds the inputs before ``x`` (zeros if ``None``).
+        Returns ``(y [batch, seq, channels], new_state or None)``; the new state is the last
+        ``kernel_size-1`` inputs, ready for the next call.
+        """
+        batch, _, channels = x.shape
+        if conv_state is None:
+            conv_state = x.new_zeros(batch, self.kernel_size - 1, channels)
+        full = torch.cat([conv_state.to(x.dtype), x], dim=1)
+        y = self.conv(rearrange(full, "b t c -> b c t"))
+        y = self.activation(rearrange(y, "b c t -> b t c"))
+        new_state = full[:, full.shape[1] - (self.kernel_size - 1) :] if output_state else None
+        return y, new_state
+
+    def state_size(self, batch: int = 1) -> int:
+        """Bytes of the conv tail kept between decode calls."""
+        return batch * (self.kernel_size - 1) * self.conv.in_channels * self.conv.weight.element_size()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half form) applied to ``[batch, seq, heads, head_dim]``.
+
+    Args:
+        head_dim: rotated dimension (must be even).
+        theta: base of the frequencies. Default: 10000.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate ``x: [batch, seq, heads, head_dim]`` as if its first token sat at position ``offset``."""
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)  # [seq, head_dim/2]
+        cos = rearrange(torch.cat([angles.cos(), angles.cos()], -1), "t d -> t 1 d")
+        sin = rearrange(torch.cat([angles.sin(), angles.sin()], -1), "t d -> t 1 d")
+        xf = upcast(x)
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if it is a half type, else unchanged (float64 stays float64 for exact tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _activation(name: str | None):
+    table = {None: nn.Identity(), "identity": nn.Identity(), "silu": nn.SiLU(), "swish": nn.SiLU(), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU()}
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(str(k) for k in table)}")
+    return table[name]

@@ -1,0 +1,196 @@
+"""Registry, language model, shared modules and the attention mixer (cache == parallel, causality)."""
+
+import pytest
+import torch
+
+from seqzoo.models import (
+    Attention,
+    ConfigError,
+    GatedRMSNorm,
+    LanguageModel,
+    LanguageModelConfig,
+    RMSNorm,
+    RotaryEmbedding,
+    ShortConvolution,
+    build_mixer,
+    mixer_names,
+    register_mixer,
+)
+from tests.helpers import assert_rel_close
+
+
+def tiny_lm(pattern=("attention",), **mixer_options) -> LanguageModel:
+    torch.manual_seed(0)
+    mixers = {"attention": mixer_options} if mixer_options else {}
+    return LanguageModel({"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "pattern": list(pattern), "mixers": mixers, "mlp": "swiglu"})
+
+
+def test_registry_lists_attention_and_rejects_unknown_names():
+    assert "attention" in mixer_names()
+    with pytest.raises(ConfigError, match=r"unknown mixer 'nope'; known mixers: .*attention"):
+        build_mixer("nope", 16, 0)
+
+
+def test_registry_rejects_unknown_options_and_duplicate_names():
+    with pytest.raises(ConfigError, match=r"mixer 'attention' got unknown option\(s\) num_haeds"):
+        build_mixer("attention", 16, 0, {"num_haeds": 2})
+    with pytest.raises(ConfigError, match="already registered"):
+        register_mixer("attention")(type("Other", (torch.nn.Module,), {}))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"vocab_size": 10, "hidden_size": -4}, "hidden_size must be a positive integer"),
+        ({"vocab_size": 10, "num_layer": 2}, "unknown key\\(s\\) num_layer"),
+        ({"vocab_size": 10, "pattern": ["attention", "mystery"]}, "unknown mixer 'mystery'"),
+        ({"vocab_size": 10, "mixers": {"gla": {}}}, "not in pattern"),
+        ({"hidden_size": 8}, "vocab_size is required"),
+        ({"vocab_size": 10, "mlp": "relu"}, "mlp must be"),
+    ],
+)
+def test_bad_model_configs_fail_with_one_line(values, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        LanguageModelConfig.from_dict(values)
+    assert "\n" not in str(info.value)
+
+
+def test_pattern_repeats_to_depth_in_order():
+    config = LanguageModelConfig.from_dict({"vocab_size": 10, "num_layers": 5, "pattern": ["attention", "attention"]})
+    assert config.layer_mixers() == ["attention"] * 5
+    model = LanguageModel(config)
+    assert [type(b.mixer) for b in model.blocks] == [Attention] * 5
+
+
+def test_tied_and_untied_heads():
+    tied = LanguageModel({"vocab_size": 20, "hidden_size": 8, "tie_embeddings": True})
+    untied = LanguageModel({"vocab_size": 20, "hidden_size": 8, "tie_embeddings": False})
+    assert tied.head.weight is tied.embed.weight
+    assert untied.head.weight is not untied.embed.weight
+    assert untied.num_parameters() - tied.num_parameters() == 20 * 8
+
+
+def test_rmsnorm_and_gated_rmsnorm_match_formulas():
+    x, gate = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    norm = RMSNorm(8).double()
+    torch.nn.init.normal_(norm.weight)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert_rel_close(norm(x), expected, 1e-12)
+    gated = GatedRMSNorm(8).double()
+    gated.weight.data.copy_(norm.weight)
+    assert_rel_close(gated(x, gate), expected * torch.nn.functional.silu(gate), 1e-12)
+
+
+def test_short_convolution_streaming_equals_one_call_and_is_causal():
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4)
+    x = torch.randn(2, 11, 6)
+    full, _ = conv(x)
+    y1, state = conv(x[:, :5], output_state=True)
+    pieces = [y1]
+    for t in range(5, 11):
+        y, state = conv(x[:, t : t + 1], conv_state=state, output_state=True)
+        pieces.append(y)
+    assert_rel_close(torch.cat(pieces, 1), full, 1e-6)
+    x2 = x.clone()
+    x2[:, 7] += 1.0
+    assert torch.equal(conv(x2)[0][:, :7], full[:, :7])
+    assert conv.state_size(batch=2) == state.numel() * state.element_size()
+
+
+def test_rotary_is_relative():
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    score = lambda pq, pk: (rope(q, pq) * rope(k, pk)).sum()  # noqa: E731
+    assert torch.allclose(score(5, 2), score(13, 10), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_heads": 4, "num_kv_heads": 2}, {"num_heads": 2, "window_size": 5}], ids=["mha", "gqa", "swa"])
+def test_attention_decode_equals_parallel_after_odd_prefill(options):
+    torch.manual_seed(0)
+    layer = Attention(32, **options).eval()
+    x = torch.randn(2, 17, 32)
+    full = layer(x)
+    cache = layer.init_cache(2)
+    pieces = [layer(x[:, :7], cache=cache)]
+    pieces += [layer(x[:, t : t + 1], cache=cache) for t in range(7, 17)]
+    assert_rel_close(torch.cat(pieces, 1), full, 1e-5)
+    assert cache.nbytes() == layer.state_size(batch=2, seq_len=17)
+
+
+def test_sliding_window_cache_is_capped_and_matches_explicit_mask():
+    torch.manual_seed(0)
+    layer = Attention(16, num_heads=2, window_size=4, rope_theta=None).eval()
+    x = torch.randn(1, 12, 16)
+    cache = layer.init_cache(1)
+    layer(x, cache=cache)
+    assert cache.get("key").shape[1] == 3
+    # Reference: full attention with an explicit band mask, computed by hand.
+    q = layer.q_proj(x).view(1, 12, 2, 8).transpose(1, 2)
+    k = layer.k_proj(x).view(1, 12, 2, 8).transpose(1, 2)
+    v = layer.v_proj(x).view(1, 12, 2, 8).transpose(1, 2)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    scores = (q @ k.transpose(-1, -2)) / 8**0.5
+    scores = scores.masked_fill(~((j <= i) & (i - j < 4)), float("-inf"))
+    ref = layer.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 12, 16))
+    assert_rel_close(layer(x), ref, 1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"window_size": 3}], ids=["full", "swa"])
+def test_attention_is_causal(options):
+    torch.manual_seed(0)
+    layer = Attention(16, num_heads=2, **options)
+    x = torch.randn(2, 10, 16)
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    out, out2 = layer(x), layer(x2)
+    assert torch.equal(out[:, :6], out2[:, :6])
+    assert not torch.allclose(out[:, 6], out2[:, 6])
+
+
+def test_attention_rejects_bad_input_and_options():
+    with pytest.raises(ValueError, match=r"expected input \[batch, seq, 16\]"):
+        Attention(16)(torch.randn(2, 3, 8))
+    with pytest.raises(ConfigError, match="must divide num_heads"):
+        Attention(16, num_heads=3, num_kv_heads=2)
+    with pytest.raises(ValueError, match="needs seq_len"):
+        Attention(16).state_size()
+
+
+def test_language_model_cache_equals_parallel_and_generate_agrees():
+    model = tiny_lm(num_heads=2).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    full = model(ids)
+    cache = model.init_cache(2)
+    pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert_rel_close(torch.cat(pieces, 1), full, 1e-5)
+    assert cache.nbytes() == model.state_size(batch=2, seq_len=12)
+    greedy = model.generate(ids[:, :4], 10, temperature=0)
+    assert greedy.shape == (2, 14) and torch.equal(greedy[:, :4], ids[:, :4])
+    assert torch.equal(greedy, model.generate(ids[:, :4], 10, temperature=0, use_cache=False))
+
+
+def test_generate_sampling_respects_top_k_and_seed():
+    model = tiny_lm().eval()
+    ids = torch.randint(0, 50, (1, 3))
+    a = model.generate(ids, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, model.generate(ids, 8, temperature=0))
+    b1 = model.generate(ids, 8, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    b2 = model.generate(ids, 8, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(b1, b2)
+
+
+def test_language_model_rejects_bad_token_ids():
+    model = tiny_lm()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50\)"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        model(torch.randn(1, 3))
+
+
+def test_no_weight_decay_covers_norms_embeddings_and_flagged_parameters():
+    model = tiny_lm()
+    names = model.no_weight_decay_names()
+    assert "embed.weight" in names and "norm.weight" in names and "blocks.0.mixer_norm.weight" in names
+    assert "blocks.0.mixer.q_proj.weight" not in names
