@@ -154,3 +154,78 @@ def test_input_errors():
         gla(q, k, v, g, initial_state=h0[:1])
     with pytest.raises(OpInputError, match="unknown backend"):
         gla(q, k, v, g, backend="cuda")
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+
+
+def _triton(fn_name):
+    from seqzoo.ops.gla import triton as mod
+
+    return getattr(mod, fn_name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seq, h0", [(1, True), (37, False), (130, True)])
+def test_triton_matches_reference(seq, h0):
+    inputs = [None if t is None else t.float() for t in make_inputs(1, seq, 2, 16, 32, h0=h0)]
+    ref = outputs_and_grads(gla_reference, *(None if t is None else t.double() for t in inputs))
+    got = outputs_and_grads(gla, *inputs, backend="triton")
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert_all_close(got, ref, 1e-4)
+
+
+@pytest.mark.triton
+def test_triton_recurrent_matches_reference():
+    q, k, v, g, h0 = (t.float() for t in make_inputs(2, 40, 2, 24, 16))
+    o_ref, ht_ref = gla_reference(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, ht = _triton("gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert_rel_close(o, o_ref, 1e-5, "o")
+    assert_rel_close(ht, ht_ref, 1e-5, "final_state")
+    o_pub, _ = gla(q, k, v, g, initial_state=h0, backend="triton")
+    assert torch.equal(o_pub, o)
+
+
+@pytest.mark.triton
+def test_triton_cu_seqlens_equals_loop():
+    offsets = [0, 5, 40, 41, 70]
+    cu = torch.tensor(offsets)
+    q, k, v, g, h0 = (t.float() for t in make_inputs(1, 70, 1, 16, 16, num_states=4))
+    ref = outputs_and_grads(gla_reference, q, k, v, g, h0, cu_seqlens=cu)
+    assert_all_close(outputs_and_grads(gla, q, k, v, g, h0, cu_seqlens=cu, backend="triton"), ref, 1e-4)
+    with torch.no_grad():
+        o_rec, ht_rec = _triton("gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert_rel_close(o_rec, ref[0], 1e-5, "o")
+    assert_rel_close(ht_rec, ref[1], 1e-5, "final_state")
+
+
+@pytest.mark.triton
+def test_triton_strong_decay_finite():
+    q, k, v, _, h0 = (t.float() for t in make_inputs(1, 70, 1, 16, 16))
+    g = torch.full((1, 70, 1, 16), -30.0)
+    g[..., :3] = -0.5
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, h0)]
+    o, ht = gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="triton")
+    o_ref, ht_ref = gla_reference(*(t.double() for t in (q, k, v, g)), initial_state=h0.double(), output_final_state=True)
+    assert_rel_close(o, o_ref, 1e-5, "o at g=-30")
+    assert_rel_close(ht, ht_ref, 1e-5, "final_state at g=-30")
+    (o.sum() + ht.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.triton
+def test_triton_shared_gate_equals_simple_gla():
+    q, k, v, g, h0 = (t.float() for t in make_inputs(1, 70, 2, 16, 16))
+    g_head = g[..., 0]
+    o, ht = gla(q, k, v, g_head[..., None].expand_as(q).contiguous(), initial_state=h0, output_final_state=True, backend="triton")
+    o_s, ht_s = simple_gla(q, k, v, g_head, initial_state=h0, output_final_state=True, backend="triton")
+    assert_rel_close(o, o_s, 1e-5, "o")
+    assert_rel_close(ht, ht_s, 1e-5, "final_state")
+
+
+@pytest.mark.triton
+def test_triton_gradcheck():
+    q, k, v, g, h0 = (t.requires_grad_() for t in make_inputs(1, 9, 1, 4, 3))
+    fn = _triton("gla_triton")
+    check = lambda q, k, v, g, h0: fn(q, k, v, g, initial_state=h0, output_final_state=True)  # noqa: E731
+    assert torch.autograd.gradcheck(check, (q, k, v, g, h0), fast_mode=True)
