@@ -66,8 +66,8 @@ def gated_delta_rule_reference(
         if g is not None:
             state = state * g[:, t].to(dt).exp()[..., None, None]
         k_t = kf[:, t]
-        u_t = bf[:, t, :, None] * (vf[:, t] - torch.einsum("bhkv,bhk->bhv", state, k_t))
+        u_t = bf[:, t, :, None] * (vf[:, t] - (k_t[..., None, :] @ state).squeeze(-2))
         state = state + k_t[..., :, None] * u_t[..., None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, qf[:, t]))
+        outputs.append((qf[:, t, :, None, :] @ state).squeeze(-2))
     o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, value_dim)
     return o.to(q.dtype), (state if output_final_state else None)

@@ -84,7 +84,7 @@ def test_torch_chunk_matches_reference_float64(seq, gated, with_h0, l2):
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "delta"])
 def test_torch_chunk_matches_reference_fp32(gated):
-    x = make_inputs(2, 150, 3, 32, 16, dtype=torch.float32, seed=3)
+    x = make_inputs(1, 130, 2, 32, 16, dtype=torch.float32, seed=3)
     ref = run(x, gated=gated, grad=True, backend="reference")
     out = run(x, gated=gated, grad=True, backend="torch")
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
@@ -209,7 +209,7 @@ def test_exact_recall_after_write(gated, backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_strong_decay_stays_finite(backend):
-    x = make_inputs(1, 100, 2, 16, 16, dtype=torch.float32, seed=61)
+    x = make_inputs(1, 80, 1, 16, 16, dtype=torch.float32, seed=61)
     x["g"] = torch.full_like(x["g"], -30.0)
     x["g"][:, ::7] = -1e-3
     out = run(x, grad=True, backend=backend)
@@ -247,13 +247,14 @@ def test_low_precision_inputs_torch(dtype, tol):
 
 
 def test_torch_chunk_gradcheck():
-    x = make_inputs(1, 11, 1, 4, 3, seed=91)
+    # Not a custom Function, but cheap insurance that every input's gradient is the true derivative.
+    x = make_inputs(1, 6, 1, 3, 2, seed=91)
     xs = [x[n].requires_grad_(True) for n in NAMES]
 
     def fn(q, k, v, beta, g, h0):
         return gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True, backend="torch")
 
-    assert torch.autograd.gradcheck(fn, xs)
+    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +265,8 @@ TRITON_CASES = [
     # batch, seq, heads, key_dim, value_dim, gated, with_h0, l2norm
     pytest.param(2, 1, 2, 16, 32, True, True, False, id="T1"),
     pytest.param(2, 37, 2, 16, 32, True, True, False, id="T37-gated-h0"),
-    pytest.param(1, 64, 2, 32, 16, False, True, False, id="T64-delta-h0"),
-    pytest.param(1, 130, 2, 32, 24, True, False, True, id="T130-gated-l2norm"),
+    pytest.param(1, 64, 1, 32, 16, False, True, False, id="T64-delta-h0"),
+    pytest.param(1, 130, 1, 32, 24, True, False, True, id="T130-gated-l2norm"),
     pytest.param(1, 65, 1, 20, 16, False, False, False, id="T65-delta-oddK"),
 ]
 
@@ -282,7 +283,7 @@ def test_triton_chunk_matches_reference(batch, seq, heads, key_dim, value_dim, g
 @pytest.mark.triton
 def test_triton_cu_seqlens_matches_reference():
     offsets = torch.tensor([0, 5, 70, 100])
-    x = make_inputs(1, 100, 2, 16, 16, dtype=torch.float32, seed=101, num_states=3)
+    x = make_inputs(1, 100, 1, 16, 16, dtype=torch.float32, seed=101, num_states=3)
     ref = run(x, grad=True, cu_seqlens=offsets, backend="reference")
     out = run(x, grad=True, cu_seqlens=offsets, backend="triton")
     assert_match(out, ref, 1e-4, "triton packed")
@@ -337,7 +338,7 @@ def test_triton_bf16_chunk_runs_in_fp32_under_interpreter():
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "delta"])
 def test_triton_gradcheck(gated):
     # float64 inputs make the kernels accumulate in fp64, so finite differences are meaningful.
-    x = make_inputs(1, 5, 1, 4, 3, seed=141)
+    x = make_inputs(1, 3, 1, 4, 3, seed=141)
     names = [n for n in NAMES if gated or n != "g"]
     xs = [x[n].requires_grad_(True) for n in names]
 
