@@ -1,0 +1,159 @@
+"""Training: config composition and errors, loss goes down, exact resume, DDP on CPU, the CLI itself."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import train
+from seqzoo.models import ConfigError, LanguageModelConfig
+from seqzoo.models.checkpoint import AtomicCheckpointIO, load_language_model, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.hidden_size=16",
+    "data.vocab_size=64",
+    "data.train_segments=[{seq_len:16,num_kv_pairs:2,num_examples:48}]",
+    "data.test_segments=[{seq_len:16,num_kv_pairs:2,num_examples:16},{seq_len:32,num_kv_pairs:4,num_examples:16}]",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=2",
+    "checkpoint_every_n_steps=2",
+]
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
+        return compose("config", overrides=[*TINY, *overrides])
+
+
+def config_names(group):
+    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", config_names("model"))
+def test_every_model_config_composes_and_validates(model):
+    cfg = make_cfg(f"model={model}")
+    from omegaconf import OmegaConf
+
+    config = LanguageModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    assert config.vocab_size == 64
+
+
+@pytest.mark.parametrize("data", config_names("data"))
+def test_every_data_config_instantiates(data):
+    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
+        cfg = compose("config", overrides=[f"data={data}"])
+    assert train.build_datamodule(cfg).vocab_size == cfg.data.vocab_size
+
+
+@pytest.mark.parametrize("trainer", config_names("trainer"))
+def test_every_trainer_config_composes(trainer):
+    cfg = make_cfg(f"trainer={trainer}")
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("trainer.max_step=5", "max_step"), ("optim.lr=abc", "lr"), ("optim.wamup_steps=3", "wamup_steps"), ("model=nope", "model/nope")],
+)
+def test_composition_rejects_typos_and_wrong_types(override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+model.depth=3", "unknown key\\(s\\) depth"),
+        ("model.hidden_size=-8", "hidden_size must be a positive integer"),
+        ("model.pattern=[attention,mystery]", "unknown mixer 'mystery'"),
+        ("+model.mixers.attention.heads=2", "unknown option\\(s\\) heads"),
+        ("+data.shuffle=true", "data config: .*shuffle"),
+        ("+trainer.foo=1", "trainer config: .*foo"),
+    ],
+)
+def test_bad_values_fail_with_one_line(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        train.run(make_cfg(override), tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.ckpt"):
+        train.run(make_cfg(f"ckpt_path={tmp_path}/nope.ckpt", "trainer.max_steps=1"), tmp_path)
+
+
+def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
+    result = train.run(make_cfg("trainer.max_steps=60", "optim.lr=1e-2", "checkpoint_every_n_steps=30"), tmp_path)
+    losses = [loss for _, loss in result["losses"]]
+    assert len(losses) == 60
+    assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
+    assert {"test/acc", "test/acc/seq16_kv2", "test/acc/seq32_kv4", "test/loss"} <= set(result["test"])
+    assert (tmp_path / "config.resolved.yaml").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["test"] == result["test"]
+    model, config = load_language_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert config["model"]["hidden_size"] == 16 and model.config.vocab_size == 64
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("resume_step", [4, 6, 8], ids=["mid-epoch", "epoch-end", "second-epoch"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, resume_step):
+    # 48 examples / batch 8 = 6 steps per epoch; attention dropout makes the RNG matter.
+    overrides = ["trainer.max_steps=12", "model.mixers.attention.dropout=0.1", "test_after_fit=false"]
+    full = train.run(make_cfg(*overrides), tmp_path / "full")
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / f"step={resume_step}.ckpt", resumed_dir / "checkpoints" / "last.ckpt")
+    resumed = train.run(make_cfg(*overrides, "ckpt_path=last"), resumed_dir)
+    expected = [loss for step, loss in full["losses"] if step > resume_step]
+    got = [loss for _, loss in resumed["losses"]]
+    assert len(got) == 12 - resume_step
+    assert got == expected
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    # ddp_fork trains in forked workers (in-process "ddp" would re-run pytest); rank 0 writes the metrics.
+    result = train.run(make_cfg("trainer=ddp", "trainer.strategy=ddp_fork", "trainer.max_steps=6"), tmp_path)
+    with open(tmp_path / "fit" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert [int(row["step"]) for row in rows] == list(range(6))
+    assert all(math.isfinite(float(row["train/loss"])) for row in rows)
+    assert 0.0 <= result["test"]["test/acc"] <= 1.0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_atomic_checkpoint_io_and_damaged_files(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "a.ckpt"
+    io.save_checkpoint({"x": torch.arange(3)}, target)
+    assert torch.equal(io.load_checkpoint(target)["x"], torch.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+    target.write_bytes(target.read_bytes()[:20])
+    with pytest.raises(ValueError, match="a.ckpt is unreadable") as info:
+        read_checkpoint(target)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_trains_and_reports(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test: test/acc=" in done.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    bad = subprocess.run([*cmd[:2], "trainer.max_step=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "max_step" in bad.stderr
