@@ -35,6 +35,9 @@ from seqzoo.ops.neural_memory.memory import (
 # far below the rounding of fp64, so the floor does not change any value; only the derivative with
 # respect to a gate sitting exactly at 0 (η) or 1 (α) is lost (it is clamped to zero).
 GATE_FLOOR = 1e-26
+# Decay products below e^-80 (1.8e-35, far below the rounding of fp64) are set to exactly 0 so that
+# they cannot turn into fp32 denormals, which slow CPU matmuls by an order of magnitude.
+LOG_UNDERFLOW = -80.0
 
 
 class ChunkCoefficients(NamedTuple):
@@ -68,7 +71,13 @@ def segsum_exp(x: torch.Tensor) -> torch.Tensor:
     incl = torch.ones(b, b, dtype=torch.bool, device=x.device).tril()
     xx = x.unsqueeze(-1).expand(*x.shape, b).masked_fill(~strict, 0)
     seg = xx.cumsum(-2)
-    return torch.exp(seg.masked_fill(~incl, float("-inf")))
+    return torch.exp(seg.masked_fill(~incl | (seg < LOG_UNDERFLOW), float("-inf")))
+
+
+def _exp_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``exp(Σ_{m≤t} x_m)`` along the last dim, exactly 0 below ``e^LOG_UNDERFLOW``."""
+    c = x.cumsum(-1)
+    return torch.exp(c.masked_fill(c < LOG_UNDERFLOW, float("-inf")))
 
 
 def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_size: int) -> ChunkCoefficients:
@@ -82,8 +91,8 @@ def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_si
     l_beta = segsum_exp(la)
     l_eta = segsum_exp(ln)
     c = l_beta @ l_eta
-    beta = torch.exp(la.cumsum(-1))
-    h = torch.exp(ln.cumsum(-1))
+    beta = _exp_cumsum(la)
+    h = _exp_cumsum(ln)
     f = (l_beta @ h.unsqueeze(-1)).squeeze(-1)
     last = chunk_size - 1 - pad  # last real row of the final chunk
 
@@ -122,6 +131,99 @@ def from_chunks(y: torch.Tensor, seq: int) -> torch.Tensor:
     return y.flatten(2, 3)[:, :, :seq].transpose(1, 2)
 
 
+def per_chunk(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[B, H, N, ...] -> N`` contiguous ``[B, H, ...]`` tensors.
+
+    Unbinding once matters for the backward: indexing ``x[:, :, n]`` inside the chunk loop would make
+    autograd scatter every slice's gradient into a zero tensor of the full size (quadratic in chunks).
+    """
+    return x.movedim(2, 0).contiguous().unbind(0)
+
+
+def _chunk_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, ...] -> [N, B, H, ...]`` contiguous: one chunk's operands are one contiguous block."""
+    return x.movedim(2, 0).contiguous()
+
+
+class _LinearChunkFunction(torch.autograd.Function):
+    """Linear-memory dual form over chunk-major tensors with a hand-written backward.
+
+    Shapes (``N`` chunks of ``b`` tokens, ``B, H`` batch and heads): ``q, k: [N, B, H, b, dk]``,
+    ``v: [N, B, H, b, dv]``, ``theta, beta, f, c_last, e_last: [N, B, H, b, 1]``, ``c: [N, B, H, b, b]``,
+    ``beta_last, f_last, h_last: [N, B, H, 1, 1]``, ``w0, s0: [B, H, dk, dv]``.
+
+    Only the chunk-start states are saved (``2 N`` weight sets); errors and gradients are recomputed.
+    Both passes work one chunk at a time into preallocated outputs, so no temporary grows with the
+    sequence. Gradients of the coefficients are returned as such; autograd carries them to the gates
+    through :func:`chunk_coefficients`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w0, s0):
+        n_chunks = q.shape[0]
+        ws = w0.new_empty(n_chunks, *w0.shape)
+        ss = s0.new_empty(n_chunks, *s0.shape)
+        y = v.new_empty(v.shape)
+        w, s = w0, s0
+        for n in range(n_chunks):
+            ws[n], ss[n] = w, s
+            kn, qn = k[n], q[n]
+            # θ-weighted errors at the chunk start: θ_j u_j = k_jᵀ G_j.
+            g = theta[n] * (kn @ w - v[n])
+            # Reads of the per-token weights W_t through the intra-chunk "attention" C ⊙ Q Kᵀ.
+            y[n] = beta[n] * (qn @ w) + f[n] * (qn @ s) - (c[n] * (qn @ kn.transpose(-1, -2))) @ g
+            kt = kn.transpose(-1, -2)
+            write_w = (kt * c_last[n].transpose(-1, -2)) @ g
+            write_s = (kt * e_last[n].transpose(-1, -2)) @ g
+            w, s = beta_last[n] * w + f_last[n] * s - write_w, h_last[n] * s - write_s
+        ctx.save_for_backward(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, ws, ss)
+        return y, w, s
+
+    @staticmethod
+    def backward(ctx, dy, dw_final, ds_final):
+        q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, ws, ss = ctx.saved_tensors
+        n_chunks = q.shape[0]
+        dy = torch.zeros_like(v) if dy is None else dy
+        # dw, ds: gradients with respect to the state at the *end* of chunk n, walked backwards.
+        dw = torch.zeros_like(ws[0]) if dw_final is None else dw_final
+        ds = torch.zeros_like(ss[0]) if ds_final is None else ds_final
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        d_theta, d_beta, d_f, d_c_last, d_e_last = (torch.empty_like(x) for x in (theta, beta, f, c_last, e_last))
+        d_c = torch.empty_like(c)
+        d_beta_last, d_f_last, d_h_last = (torch.empty_like(beta_last) for _ in range(3))
+        for n in range(n_chunks - 1, -1, -1):
+            qn, kn, dyn, wn, sn = q[n], k[n], dy[n], ws[n], ss[n]
+            kt, wt, st = kn.transpose(-1, -2), wn.transpose(-1, -2), sn.transpose(-1, -2)
+            err = kn @ wn - v[n]
+            g = theta[n] * err
+            qk = qn @ kt
+            cn = c[n]
+            dg = -(cn * qk).transpose(-1, -2) @ dyn - (kn * e_last[n]) @ ds - (kn * c_last[n]) @ dw
+            m_s = -g @ ds.transpose(-1, -2)  # from the momentum write −(K ⊙ Lη_last)ᵀ G
+            m_w = -g @ dw.transpose(-1, -2)  # from the weight write −(K ⊙ C_last)ᵀ G
+            d_h_last[n] = (ds * sn).sum((-1, -2), keepdim=True)
+            d_beta_last[n] = (dw * wn).sum((-1, -2), keepdim=True)
+            d_f_last[n] = (dw * sn).sum((-1, -2), keepdim=True)
+            de = theta[n] * dg
+            d_theta[n] = (dg * err).sum(-1, keepdim=True)
+            d_scores = -dyn @ g.transpose(-1, -2)
+            d_c[n] = d_scores * qk
+            d_qk = d_scores * cn
+            dq[n] = beta[n] * (dyn @ wt) + f[n] * (dyn @ st) + d_qk @ kn
+            d_beta[n] = (dyn * (qn @ wn)).sum(-1, keepdim=True)
+            d_f[n] = (dyn * (qn @ sn)).sum(-1, keepdim=True)
+            dk[n] = d_qk.transpose(-1, -2) @ qn + de @ wt + e_last[n] * m_s + c_last[n] * m_w
+            d_e_last[n] = (kn * m_s).sum(-1, keepdim=True)
+            d_c_last[n] = (kn * m_w).sum(-1, keepdim=True)
+            dv[n] = -de
+            qt = qn.transpose(-1, -2)
+            dw, ds = (
+                (qt * beta[n].transpose(-1, -2)) @ dyn + beta_last[n] * dw + kt @ de,
+                (qt * f[n].transpose(-1, -2)) @ dyn + h_last[n] * ds + f_last[n] * dw,
+            )
+        return dq, dk, dv, d_theta, d_beta, d_f, d_c, d_beta_last, d_f_last, d_h_last, d_c_last, d_e_last, dw, ds
+
+
 def neural_memory_chunk_linear(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,40 +234,23 @@ def neural_memory_chunk_linear(
     chunk_size: int,
     state: LinearMemoryState,
 ) -> tuple[torch.Tensor, LinearMemoryState]:
-    """Linear memory, chunked dual form; autograd differentiates it (every op is a batched matmul).
+    """Linear memory, chunked dual form with a hand-written backward (:class:`_LinearChunkFunction`).
 
     Args: as :func:`seqzoo.ops.neural_memory.neural_memory`, with a full fp32/fp64 ``state``.
     Returns: ``(o [B, T, H, value_dim] in the state's dtype, final LinearMemoryState)``.
     """
     seq = q.shape[1]
     dtype = state.weight.dtype
-    qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
-    theta = to_chunks(lr, chunk_size, dtype).unsqueeze(-1)  # [B, H, N, b, 1]
+    qc, kc, vc = (_chunk_major(to_chunks(x, chunk_size, dtype)) for x in (q, k, v))
+    theta = _chunk_major(to_chunks(lr, chunk_size, dtype).unsqueeze(-1))
     coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
-
-    # Everything that does not depend on the chunk-start state is batched over all chunks up front.
-    scores = coef.C * (qc @ kc.transpose(-1, -2))  # (C ⊙ Q Kᵀ): the intra-chunk "attention"
-    k_write_w = (kc * coef.c_last.unsqueeze(-1)).transpose(-1, -2)  # [B, H, N, dk, b]
-    k_write_s = (kc * coef.e_last.unsqueeze(-1)).transpose(-1, -2)
-
-    w, s = state.weight, state.momentum
-    ws, ss, gs = [], [], []
-    for n in range(qc.shape[2]):
-        # θ-weighted errors at the chunk start: θ_j u_j = k_jᵀ G_j.
-        g = theta[:, :, n] * (kc[:, :, n] @ w - vc[:, :, n])
-        ws.append(w)
-        ss.append(s)
-        gs.append(g)
-        bl = coef.beta_last[:, :, n, None, None]
-        fl = coef.f_last[:, :, n, None, None]
-        hl = coef.h_last[:, :, n, None, None]
-        w, s = bl * w + fl * s - k_write_w[:, :, n] @ g, hl * s - k_write_s[:, :, n] @ g
-
-    w_start = torch.stack(ws, dim=2)
-    s_start = torch.stack(ss, dim=2)
-    g_all = torch.stack(gs, dim=2)
-    y = coef.beta.unsqueeze(-1) * (qc @ w_start) + coef.f.unsqueeze(-1) * (qc @ s_start) - scores @ g_all
-    return from_chunks(y, seq), LinearMemoryState(w, s)
+    rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.beta, coef.f))
+    scalars = (_chunk_major(x[..., None, None]) for x in (coef.beta_last, coef.f_last, coef.h_last))
+    last_rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.c_last, coef.e_last))
+    y, w, s = _LinearChunkFunction.apply(
+        qc, kc, vc, theta, *rows, _chunk_major(coef.C), *scalars, *last_rows, state.weight, state.momentum
+    )
+    return from_chunks(y.movedim(0, 2), seq), LinearMemoryState(w, s)
 
 
 def neural_memory_chunk_mlp(
@@ -193,13 +278,16 @@ def neural_memory_chunk_mlp(
     scores1 = coef.C * (qc @ kc.transpose(-1, -2))
     act = spec.activation
 
+    k_n, v_n, q_n, th_n = (per_chunk(x) for x in (kc, vc, qc, theta))
+    beta_n, f_n = (per_chunk(x.unsqueeze(-1)) for x in (coef.beta, coef.f))
+    c_n, sc_n = per_chunk(coef.C), per_chunk(scores1)
+    bl_n, fl_n, hl_n = (per_chunk(x[..., None, None]) for x in (coef.beta_last, coef.f_last, coef.h_last))
+    cw_n, cs_n = (per_chunk(x.unsqueeze(-2)) for x in (coef.c_last, coef.e_last))  # [B, H, 1, b] rows
+
     w1, w2, s1, s2 = state
     outs = []
     for n in range(qc.shape[2]):
-        kn, vn, qn = kc[:, :, n], vc[:, :, n], qc[:, :, n]
-        beta = coef.beta[:, :, n].unsqueeze(-1)
-        fc = coef.f[:, :, n].unsqueeze(-1)
-        c = coef.C[:, :, n]
+        kn, vn, qn, beta, fc = k_n[n], v_n[n], q_n[n], beta_n[n], f_n[n]
         # Keys through the chunk-start MLP, then the θ-weighted per-token gradients at each layer's output.
         z1 = kn @ w1
         a = activation(z1, act)
@@ -209,23 +297,19 @@ def neural_memory_chunk_mlp(
             g2 = layer_norm_head_grad(kn + head - vn, xhat, rstd, spec)
         else:
             g2 = z2 - vn
-        g2 = theta[:, :, n] * g2
+        g2 = th_n[n] * g2
         g1 = (g2 @ w2.transpose(-1, -2)) * activation_grad(z1, act)
 
         # Queries through the per-token weights W_t, layer by layer, in dual form.
-        zq1 = beta * (qn @ w1) + fc * (qn @ s1) - scores1[:, :, n] @ g1
+        zq1 = beta * (qn @ w1) + fc * (qn @ s1) - sc_n[n] @ g1
         aq = activation(zq1, act)
-        zq2 = beta * (aq @ w2) + fc * (aq @ s2) - (c * (aq @ a.transpose(-1, -2))) @ g2
+        zq2 = beta * (aq @ w2) + fc * (aq @ s2) - (c_n[n] * (aq @ a.transpose(-1, -2))) @ g2
         outs.append(qn + layer_norm_head(zq2, spec)[0] if spec.residual_norm else zq2)
 
-        bl = coef.beta_last[:, :, n, None, None]
-        fl = coef.f_last[:, :, n, None, None]
-        hl = coef.h_last[:, :, n, None, None]
-        cw = coef.c_last[:, :, n].unsqueeze(-1)
-        cs = coef.e_last[:, :, n].unsqueeze(-1)
+        bl, fl, hl, cw, cs = bl_n[n], fl_n[n], hl_n[n], cw_n[n], cs_n[n]
         kt, at = kn.transpose(-1, -2), a.transpose(-1, -2)
-        w1, s1 = bl * w1 + fl * s1 - (kt * cw.transpose(-1, -2)) @ g1, hl * s1 - (kt * cs.transpose(-1, -2)) @ g1
-        w2, s2 = bl * w2 + fl * s2 - (at * cw.transpose(-1, -2)) @ g2, hl * s2 - (at * cs.transpose(-1, -2)) @ g2
+        w1, s1 = bl * w1 + fl * s1 - (kt * cw) @ g1, hl * s1 - (kt * cs) @ g1
+        w2, s2 = bl * w2 + fl * s2 - (at * cw) @ g2, hl * s2 - (at * cs) @ g2
 
     y = torch.stack(outs, dim=2)
     return from_chunks(y, seq), MLPMemoryState(w1, w2, s1, s2)
