@@ -1,0 +1,308 @@
+"""Triton kernels for the linear neural memory (forward and backward), the default on CUDA.
+
+The split between PyTorch and Triton follows the chunked PyTorch path (:mod:`.chunk`): the gate
+coefficients of every chunk (``β, f, C`` and the last rows, all O(seq · chunk)) are built in PyTorch with
+autograd; the kernels run the sequential part (chunk-start states, errors, reads, state writes) and their
+backward hands back the gradients of those coefficients, which autograd then carries to the gates.
+
+Grid: ``(cdiv(value_dim, BV), batch * heads)``. The value columns of the memory are independent (the error
+``K W − V`` of column block ``j`` needs only ``W[:, j]``), so a program owns a ``[key_dim, BV]`` slice of
+``W`` and ``S`` in fp32 registers and walks the chunks in order; the backward walks them in reverse,
+carrying ``dW, dS``. Reductions over the value dimension (``dq, dk``, gate terms) are written per value
+block and summed in PyTorch: deterministic, no atomics. Chunk-start states are stored for the backward
+(``[B, H, N, key_dim, value_dim]``, like fla's ``h``), never per-token weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqzoo.ops.neural_memory.chunk import chunk_coefficients, log_gates
+from seqzoo.ops.neural_memory.memory import LinearMemoryState
+from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs
+
+_CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (2, 3)])
+
+
+@triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
+@triton.jit(do_not_specialize=["T", "N"])
+def _fwd_kernel(
+    q, k, v, theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
+    beta, f, c, c_last, e_last,  # [B, H, N, CHUNK], [B, H, N, CHUNK], [B, H, N, CHUNK, CHUNK], 2 x [B, H, N, CHUNK]
+    beta_last, f_last, h_last,  # [B, H, N]
+    w0, s0,  # [B, H, K, V]
+    y,  # [B, T, H, V] (accumulation dtype)
+    w_start, s_start,  # [B, H, N, K, V], written when SAVE
+    w_out, s_out,  # [B, H, K, V]
+    T, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    w = tl.load(w0 + p_state, mask=m_kv, other=0.0).to(ACC)
+    s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(ACC)
+    for n in range(N):
+        # Rows beyond the chunk (tile padding) and beyond the sequence (last chunk) load as zeros.
+        t = n * CHUNK + o_t
+        m_t = (o_t < CHUNK) & (t < T)
+        row = (i_b * T + t.to(tl.int64)) * H + i_h
+        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+        i_c = i_bh * N + n
+        p_row = i_c * CHUNK + o_t
+        m_c = o_t < CHUNK
+        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
+        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
+        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
+        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
+        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
+        bl = tl.load(beta_last + i_c)
+        fl = tl.load(f_last + i_c)
+        hl = tl.load(h_last + i_c)
+        if SAVE:
+            p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
+            tl.store(w_start + p_save, w, mask=m_kv)
+            tl.store(s_start + p_save, s, mask=m_kv)
+        # θ-weighted errors at the chunk-start weights (θ_j u_j = k_jᵀ g_j), then the reads of W_t.
+        g = th[:, None] * (tl.dot(k_n, w, input_precision=PRECISION, out_dtype=ACC) - v_n)
+        scores = c_n * tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=ACC)
+        y_n = b_n[:, None] * tl.dot(q_n, w, input_precision=PRECISION, out_dtype=ACC)
+        y_n += f_n[:, None] * tl.dot(q_n, s, input_precision=PRECISION, out_dtype=ACC)
+        y_n -= tl.dot(scores, g, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(y + row[:, None] * V + o_v[None, :], y_n, mask=m_t[:, None] & m_v[None, :])
+        write_w = tl.dot(tl.trans(k_n * cl[:, None]), g, input_precision=PRECISION, out_dtype=ACC)
+        write_s = tl.dot(tl.trans(k_n * el[:, None]), g, input_precision=PRECISION, out_dtype=ACC)
+        w, s = bl * w + fl * s - write_w, hl * s - write_s
+    tl.store(w_out + p_state, w, mask=m_kv)
+    tl.store(s_out + p_state, s, mask=m_kv)
+
+
+@triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
+@triton.jit(do_not_specialize=["T", "N"])
+def _bwd_kernel(
+    q, k, v, theta, dy,  # [B, T, H, K] x2, [B, T, H, V], [B, T, H], [B, T, H, V]
+    beta, f, c, c_last, e_last, beta_last, f_last, h_last,  # as in the forward
+    w_start, s_start,  # [B, H, N, K, V]
+    dw_end, ds_end,  # [B, H, K, V]: gradients of the final state (zeros when unused)
+    dq, dk,  # [NV, B, T, H, K] partial sums over value blocks
+    dv,  # [B, T, H, V]
+    d_theta,  # [NV, B, T, H]
+    d_beta, d_f, d_c_last, d_e_last,  # [NV, B, H, N, CHUNK]
+    d_c,  # [NV, B, H, N, CHUNK, CHUNK]
+    d_beta_last, d_f_last, d_h_last,  # [NV, B, H, N]
+    dw0, ds0,  # [B, H, K, V]
+    T, N, B,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    m_c = o_t < CHUNK
+    p_state = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    # Gradients with respect to the state at the end of the current chunk, walked backwards.
+    dw = tl.load(dw_end + p_state, mask=m_kv, other=0.0).to(ACC)
+    ds = tl.load(ds_end + p_state, mask=m_kv, other=0.0).to(ACC)
+    part = i_v.to(tl.int64) * B * H  # this value block's partial sums start part * (N * CHUNK) etc.
+    for i_n in range(N):
+        n = N - 1 - i_n
+        t = n * CHUNK + o_t
+        m_t = m_c & (t < T)
+        row = (i_b * T + t.to(tl.int64)) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        dy_n = tl.load(dy + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+        i_c = i_bh * N + n
+        p_row = i_c * CHUNK + o_t
+        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
+        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
+        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
+        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
+        p_cc = i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :]
+        m_cc = m_c[:, None] & m_c[None, :]
+        c_n = tl.load(c + p_cc, mask=m_cc, other=0.0)
+        bl = tl.load(beta_last + i_c)
+        fl = tl.load(f_last + i_c)
+        hl = tl.load(h_last + i_c)
+        p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
+        w = tl.load(w_start + p_save, mask=m_kv, other=0.0)
+        s = tl.load(s_start + p_save, mask=m_kv, other=0.0)
+
+        err = tl.dot(k_n, w, input_precision=PRECISION, out_dtype=ACC) - v_n
+        g = th[:, None] * err
+        qk = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=ACC)
+        kc = k_n * cl[:, None]
+        ke = k_n * el[:, None]
+        dg = -tl.dot(tl.trans(c_n * qk), dy_n, input_precision=PRECISION, out_dtype=ACC)
+        dg -= tl.dot(ke, ds, input_precision=PRECISION, out_dtype=ACC)
+        dg -= tl.dot(kc, dw, input_precision=PRECISION, out_dtype=ACC)
+        # The momentum and weight writes −(K ⊙ Lη_last)ᵀ G and −(K ⊙ C_last)ᵀ G, seen from k and the rows.
+        m_s = -tl.dot(g, tl.trans(ds), input_precision=PRECISION, out_dtype=ACC)
+        m_w = -tl.dot(g, tl.trans(dw), input_precision=PRECISION, out_dtype=ACC)
+        de = th[:, None] * dg
+        d_scores = -tl.dot(dy_n, tl.trans(g), input_precision=PRECISION, out_dtype=ACC)
+        d_qk = d_scores * c_n
+        qw = tl.dot(q_n, w, input_precision=PRECISION, out_dtype=ACC)
+        qs = tl.dot(q_n, s, input_precision=PRECISION, out_dtype=ACC)
+        dq_n = b_n[:, None] * tl.dot(dy_n, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
+        dq_n += f_n[:, None] * tl.dot(dy_n, tl.trans(s), input_precision=PRECISION, out_dtype=ACC)
+        dq_n += tl.dot(d_qk, k_n, input_precision=PRECISION, out_dtype=ACC)
+        dk_n = tl.dot(tl.trans(d_qk), q_n, input_precision=PRECISION, out_dtype=ACC)
+        dk_n += tl.dot(de, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
+        dk_n += el[:, None] * m_s + cl[:, None] * m_w
+
+        row_p = ((i_v * B + i_b) * T + t.to(tl.int64)) * H + i_h  # [NV, B, T, H] row of the partials
+        tl.store(dq + row_p[:, None] * K + o_k[None, :], dq_n, mask=m_tk)
+        tl.store(dk + row_p[:, None] * K + o_k[None, :], dk_n, mask=m_tk)
+        tl.store(dv + row[:, None] * V + o_v[None, :], -de, mask=m_tv)
+        tl.store(d_theta + row_p, tl.sum(dg * err, axis=1), mask=m_t)
+        p_row_p = (part * N + i_c) * CHUNK + o_t
+        tl.store(d_beta + p_row_p, tl.sum(dy_n * qw, axis=1), mask=m_c)
+        tl.store(d_f + p_row_p, tl.sum(dy_n * qs, axis=1), mask=m_c)
+        tl.store(d_e_last + p_row_p, tl.sum(k_n * m_s, axis=1), mask=m_c)
+        tl.store(d_c_last + p_row_p, tl.sum(k_n * m_w, axis=1), mask=m_c)
+        tl.store(d_c + (part * N + i_c) * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], d_scores * qk, mask=m_cc)
+        tl.store(d_h_last + part * N + i_c, tl.sum(tl.sum(ds * s, axis=1), axis=0))
+        tl.store(d_beta_last + part * N + i_c, tl.sum(tl.sum(dw * w, axis=1), axis=0))
+        tl.store(d_f_last + part * N + i_c, tl.sum(tl.sum(dw * s, axis=1), axis=0))
+
+        dw_prev = tl.dot(tl.trans(q_n * b_n[:, None]), dy_n, input_precision=PRECISION, out_dtype=ACC)
+        dw_prev += bl * dw + tl.dot(tl.trans(k_n), de, input_precision=PRECISION, out_dtype=ACC)
+        ds = tl.dot(tl.trans(q_n * f_n[:, None]), dy_n, input_precision=PRECISION, out_dtype=ACC) + hl * ds + fl * dw
+        dw = dw_prev
+    tl.store(dw0 + p_state, dw, mask=m_kv)
+    tl.store(ds0 + p_state, ds, mask=m_kv)
+
+
+def _tiles(chunk_size: int, key_dim: int, value_dim: int) -> tuple[int, int, int]:
+    """``(BT, BK, BV)``: every ``tl.dot`` dimension ≥ 16 (NVIDIA needs it); the full key dim in one tile.
+
+    Value blocks shrink as the key dim grows so that ``W, S`` (and ``dW, dS``) fit in registers.
+    """
+    bt = max(16, triton.next_power_of_2(chunk_size))
+    bk = max(16, triton.next_power_of_2(key_dim))
+    cap = 64 if bk <= 64 else (32 if bk <= 128 else 16)
+    bv = max(16, min(triton.next_power_of_2(value_dim), cap))
+    return bt, bk, bv
+
+
+def _kernel_dtype(dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
+    """(tensor dtype, accumulator, dot precision): fp64 stays fp64 (gradcheck); fp32 dots in IEEE fp32."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64, "ieee"
+    return torch.float32, tl.float32, "ieee"
+
+
+class _LinearTritonFunction(torch.autograd.Function):
+    """Triton forward/backward of the linear memory; coefficient tensors come from :func:`chunk_coefficients`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w0, s0, chunk_size):
+        batch, seq, heads, key_dim = q.shape
+        value_dim = v.shape[-1]
+        n_chunks = beta.shape[2]
+        state_dtype, acc, precision = _kernel_dtype(w0.dtype)
+        bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
+        save = ctx.needs_input_grad is not None and any(ctx.needs_input_grad)
+        y = q.new_empty(batch, seq, heads, value_dim, dtype=state_dtype)
+        w_start = w0.new_empty(batch, heads, n_chunks, key_dim, value_dim) if save else w0.new_empty(1)
+        s_start = w0.new_empty(batch, heads, n_chunks, key_dim, value_dim) if save else w0.new_empty(1)
+        w_out, s_out = torch.empty_like(w0), torch.empty_like(s0)
+        grid = (triton.cdiv(value_dim, bv), batch * heads)
+        _fwd_kernel[grid](
+            q, k, v, theta, beta, f, c, c_last, e_last, beta_last, f_last, h_last, w0, s0,
+            y, w_start, s_start, w_out, s_out, seq, n_chunks,
+            H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv,
+            SAVE=save, ACC=acc, PRECISION=precision,
+        )  # fmt: skip
+        if save:
+            ctx.save_for_backward(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w_start, s_start)
+        ctx.chunk_size = chunk_size
+        return y, w_out, s_out
+
+    @staticmethod
+    def backward(ctx, dy, dw_end, ds_end):
+        q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w_start, s_start = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        batch, seq, heads, key_dim = q.shape
+        value_dim = v.shape[-1]
+        n_chunks = beta.shape[2]
+        state_dtype, acc, precision = _kernel_dtype(w_start.dtype)
+        bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
+        n_v = triton.cdiv(value_dim, bv)
+        dy = torch.zeros_like(v, dtype=state_dtype) if dy is None else dy.to(state_dtype).contiguous()
+        shape_state = (batch, heads, key_dim, value_dim)
+        dw_end = w_start.new_zeros(shape_state) if dw_end is None else dw_end.contiguous()
+        ds_end = w_start.new_zeros(shape_state) if ds_end is None else ds_end.contiguous()
+        new = lambda *shape: w_start.new_empty(*shape)  # noqa: E731
+        dq, dk = new(n_v, batch, seq, heads, key_dim), new(n_v, batch, seq, heads, key_dim)
+        dv = new(batch, seq, heads, value_dim)
+        d_theta = new(n_v, batch, seq, heads)
+        d_rows = [new(n_v, batch, heads, n_chunks, chunk_size) for _ in range(4)]
+        d_c = new(n_v, batch, heads, n_chunks, chunk_size, chunk_size)
+        d_scalars = [new(n_v, batch, heads, n_chunks) for _ in range(3)]
+        dw0, ds0 = new(shape_state), new(shape_state)
+        _bwd_kernel[(n_v, batch * heads)](
+            q, k, v, theta, dy, beta, f, c, c_last, e_last, beta_last, f_last, h_last,
+            w_start, s_start, dw_end, ds_end, dq, dk, dv, d_theta, *d_rows, d_c, *d_scalars, dw0, ds0,
+            seq, n_chunks, batch,
+            H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, ACC=acc, PRECISION=precision,
+        )  # fmt: skip
+        d_beta, d_f, d_c_last, d_e_last = (x.sum(0) for x in d_rows)
+        d_beta_last, d_f_last, d_h_last = (x.sum(0) for x in d_scalars)
+        return (
+            dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), d_theta.sum(0).to(theta.dtype),
+            d_beta, d_f, d_c.sum(0), d_beta_last, d_f_last, d_h_last, d_c_last, d_e_last, dw0, ds0, None,
+        )  # fmt: skip
+
+
+def neural_memory_triton_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    decay: torch.Tensor,
+    chunk_size: int,
+    state: LinearMemoryState,
+) -> tuple[torch.Tensor, LinearMemoryState]:
+    """Linear memory with the Triton kernels; arguments and returns as :func:`.chunk.neural_memory_chunk_linear`."""
+    dtype = state.weight.dtype
+    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+    # The interpreter computes bf16 wrongly (specs/triton.md §1): hand it fp32 there.
+    if TRITON_INTERPRET and q.dtype == torch.bfloat16:
+        q, k, v, lr = (x.float() for x in (q, k, v, lr))
+    y, w, s = _LinearTritonFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(),
+        *(x.contiguous() for x in (coef.beta, coef.f, coef.C, coef.beta_last, coef.f_last, coef.h_last)),
+        coef.c_last.contiguous(), coef.e_last.contiguous(),
+        state.weight.contiguous(), state.momentum.contiguous(), chunk_size,
+    )  # fmt: skip
+    return y, LinearMemoryState(w, s)
