@@ -26,7 +26,10 @@ def stdlib_corpus_files() -> list[Path]:
     Every machine with Python has them, so this is a real-text corpus that needs no download.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not SKIPPED_STDLIB_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED_STDLIB_DIRS]  # prune: never walk site-packages
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
     if not files:
         raise FileNotFoundError(f"text data: no standard-library sources found under {root}")
     return sorted(files)
@@ -76,18 +79,26 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def load_documents(source: str, path: str | Sequence[str] | None = None, name: str | None = None, cache_dir: str | None = None, split: str = "train", text_field: str = "text"):
+def load_documents(
+    source: str,
+    path: str | Sequence[str] | None = None,
+    name: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+):
     """Load a ``datasets.Dataset`` with one document per row in column ``text``.
 
     ``source``: ``"stdlib"`` (the embedded corpus), ``"files"`` (local ``.txt``/``.json``/``.jsonl``/``.parquet``
     files or globs in ``path``), or ``"hub"`` (a ``datasets`` name ``name`` read from the local ``cache_dir``;
-    nothing is downloaded when ``HF_DATASETS_OFFLINE=1``).
+    nothing is downloaded when ``HF_DATASETS_OFFLINE=1``). ``max_documents`` keeps the first N rows.
     """
     import datasets
 
     datasets.disable_progress_bars()
     if source == "stdlib":
-        files = [str(p) for p in stdlib_corpus_files()]
+        files = [str(p) for p in stdlib_corpus_files()[:max_documents]]  # one document per file
         return datasets.load_dataset("text", data_files={"train": files}, sample_by="document", cache_dir=cache_dir, split="train")
     if source == "files":
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
@@ -110,6 +121,8 @@ def load_documents(source: str, path: str | Sequence[str] | None = None, name: s
         raise ValueError(f"text data: unknown source {source!r}; choose stdlib, files or hub")
     if text_field not in ds.column_names:
         raise ValueError(f"text data: no column {text_field!r}; columns are {', '.join(ds.column_names)}")
+    if max_documents is not None:
+        ds = ds.select(range(min(max_documents, len(ds))))
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
@@ -200,9 +213,7 @@ class TextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        docs = load_documents(**self.source_args)
-        if self.max_documents is not None:
-            docs = docs.select(range(min(self.max_documents, len(docs))))
+        docs = load_documents(**self.source_args, max_documents=self.max_documents)
         # Every k-th document is held out, so the splits are disjoint and stable across runs.
         val_every, test_every = round(1 / self.val_fraction), round(1 / self.test_fraction)
         index = np.arange(len(docs))

@@ -1,0 +1,1 @@
+"""The ``seqzoo-eval`` command line: perplexity, MQAR accuracy, throughput/memory benchmarks."""

@@ -1,0 +1,124 @@
+"""``seqzoo-eval``: one command line for perplexity, MQAR accuracy and benchmarks.
+
+    seqzoo-eval ppl outputs/run/checkpoints/last.ckpt
+    seqzoo-eval mqar outputs/run/checkpoints/last.ckpt --segments 64:4 256:16
+    seqzoo-eval bench models --mixers attention --seq-lens 1024 4096
+    seqzoo-eval bench ops --seq-lens 256 1024
+
+Every command prints a markdown table and writes JSON, markdown and (where a curve fits) PNG
+into ``--out`` (default ``results/<command>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+
+
+def _segment(text: str) -> tuple[int, int]:
+    try:
+        seq_len, kv = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"segment must look like SEQ_LEN:NUM_KV_PAIRS, got {text!r}") from None
+    return seq_len, kv
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``seqzoo-eval`` (subcommands ppl, mqar, bench)."""
+    parser = argparse.ArgumentParser(prog="seqzoo-eval", description="Evaluate and benchmark seqzoo models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ppl = sub.add_parser("ppl", help="perplexity and bits per byte of a checkpoint on text")
+    ppl.add_argument("checkpoint")
+    ppl.add_argument("--source", choices=["stdlib", "files", "hub"], help="text source (default: the checkpoint's, else stdlib)")
+    ppl.add_argument("--path", nargs="+", help="files for --source files")
+    ppl.add_argument("--name", help="data set name for --source hub (read from the local cache)")
+    ppl.add_argument("--block-size", type=int)
+    ppl.add_argument("--max-documents", type=int)
+    ppl.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ppl.add_argument("--max-batches", type=int)
+
+    mqar = sub.add_parser("mqar", help="MQAR accuracy of a checkpoint per (seq_len, num_kv_pairs) segment")
+    mqar.add_argument("checkpoint")
+    mqar.add_argument("--segments", nargs="+", type=_segment, help="SEQ_LEN:NUM_KV_PAIRS (default: the run's test segments)")
+    mqar.add_argument("--num-examples", type=int, default=1000)
+    mqar.add_argument("--batch-size", type=int, default=250)
+    mqar.add_argument("--seed", type=int, help="data seed (default: the run's test seed)")
+
+    bench = sub.add_parser("bench", help="throughput and memory, side by side with the baseline")
+    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops"])
+    bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
+    bench.add_argument("--ops", nargs="+", help="op names (ops; default all)")
+    bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 4096])
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--hidden", type=int, default=128)
+    bench.add_argument("--layers", type=int, default=2)
+    bench.add_argument("--vocab", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=4, help="ops: heads")
+    bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
+    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--skip-reference-above", type=int, default=4096, help="ops: skip the token-loop reference beyond this length")
+
+    for p in (ppl, mqar, bench):
+        p.add_argument("--out", help="output folder (default: results/<command>)")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``seqzoo-eval``; errors in the inputs print one line and return 1."""
+    args = build_parser().parse_args(argv)
+    out = args.out or os.path.join("results", args.command)
+    from seqzoo.models.registry import ConfigError
+
+    try:
+        if args.command == "ppl":
+            from seqzoo.eval.quality import perplexity
+
+            overrides = {k: v for k, v in {"source": args.source, "path": args.path, "name": args.name, "block_size": args.block_size, "max_documents": args.max_documents}.items() if v is not None}
+            perplexity(args.checkpoint, out, overrides, split=args.split, max_batches=args.max_batches, device=args.device)
+        elif args.command == "mqar":
+            from seqzoo.eval.quality import mqar_accuracy
+
+            mqar_accuracy(args.checkpoint, out, args.segments, args.num_examples, args.batch_size, args.seed, device=args.device)
+        elif args.kind == "ops":
+            from seqzoo.eval.bench_ops import bench_ops
+
+            bench_ops(out, args.ops, args.seq_lens, args.batch, args.heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
+        else:
+            from seqzoo.eval.bench import bench_mixers
+
+            bench_mixers(args.mixers, out, args.kind, args.seq_lens, args.batch, args.hidden, args.layers, args.vocab, args.decode_tokens, args.options, args.device, args.dtype, args.repeats)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"seqzoo-eval: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Timing and peak-memory measurement shared by every benchmark (CPU and CUDA)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    while len(times) < repeats or sum(times) < min_time:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 50:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was live before.
+
+    CUDA: the caching allocator's peak counter. CPU: replayed from the profiler's allocation
+    records (an op's allocations counted at its start, its frees at its end), since the CPU
+    allocator keeps no peak statistic.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = []
+    for event in prof.events():
+        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if delta:
+            at = event.time_range.start if delta > 0 else event.time_range.end
+            changes.append((at, delta < 0, delta))
+    live = peak = 0
+    for _, _, delta in sorted(changes):
+        live += delta
+        peak = max(peak, live)
+    return int(peak)

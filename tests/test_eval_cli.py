@@ -1,0 +1,118 @@
+"""The eval CLI on tiny checkpoints: its JSON holds the numbers it printed, and they agree with training."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from seqzoo.eval.cli import main
+from seqzoo.eval.measure import peak_memory
+
+COMMON = ["trainer.enable_progress_bar=false", "trainer.val_check_interval=4", "checkpoint_every_n_steps=4", "trainer.max_steps=4", "model.hidden_size=16"]
+
+
+def trained(tmp_path_factory, name, overrides):
+    out = tmp_path_factory.mktemp(name)
+    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
+        cfg = compose("config", overrides=[*COMMON, *overrides])
+    result = train.run(cfg, out)
+    return out / "checkpoints" / "last.ckpt", result
+
+
+@pytest.fixture(scope="module")
+def mqar_run(tmp_path_factory):
+    return trained(
+        tmp_path_factory,
+        "mqar",
+        [
+            "data.vocab_size=64",
+            "data.train_segments=[{seq_len:16,num_kv_pairs:2,num_examples:64}]",
+            "data.test_segments=[{seq_len:16,num_kv_pairs:2,num_examples:32},{seq_len:32,num_kv_pairs:4,num_examples:32}]",
+            "data.batch_size=8",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    return trained(
+        tmp_path_factory,
+        "text",
+        ["data=text", "data.max_documents=20", "data.block_size=32", "data.batch_size=4", "data.eval_batch_size=8", "trainer.limit_val_batches=2", "trainer.limit_test_batches=3"],
+    )
+
+
+def printed_rows(text):
+    """Rows of the markdown table in ``text`` as lists of cell strings."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_mqar_command_matches_training_test_and_its_printout(mqar_run, tmp_path, capsys):
+    checkpoint, result = mqar_run
+    assert main(["mqar", str(checkpoint), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "mqar.json").read_text())["rows"]
+    printed = printed_rows(capsys.readouterr().out)
+    assert [r[0] for r in printed] == ["seq16_kv2", "seq32_kv4"]
+    for row, cells in zip(rows, printed):
+        assert float(cells[-1]) == pytest.approx(row["accuracy"], abs=5e-4)
+        assert row["accuracy"] == pytest.approx(result["test"][f"test/acc/{row['segment']}"], abs=1e-9)
+    assert (tmp_path / "mqar.png").stat().st_size > 0 and (tmp_path / "mqar.md").is_file()
+
+
+def test_mqar_command_with_custom_segments(mqar_run, tmp_path):
+    checkpoint, _ = mqar_run
+    assert main(["mqar", str(checkpoint), "--segments", "16:2", "32:8", "--num-examples", "20", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "mqar.json").read_text())["rows"]
+    assert [(r["seq_len"], r["num_kv_pairs"], r["examples"]) for r in rows] == [(16, 2, 20), (32, 8, 20)]
+
+
+def test_ppl_command_matches_training_test_loss(text_run, tmp_path, capsys):
+    checkpoint, result = text_run
+    assert main(["ppl", str(checkpoint), "--max-batches", "3", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "ppl.json").read_text())
+    cells = printed_rows(capsys.readouterr().out)[0]
+    assert float(cells[2]) == pytest.approx(payload["loss"], rel=1e-3)
+    assert payload["loss"] == pytest.approx(result["test"]["test/loss"], rel=1e-5)
+    assert payload["perplexity"] == pytest.approx(math.exp(payload["loss"]))
+    # Byte tokens: one byte per token (end-of-document decodes to one newline byte).
+    assert payload["bits_per_byte"] == pytest.approx(payload["loss"] / math.log(2), rel=1e-9)
+    assert payload["tokens"] == 3 * 8 * 32
+    assert len(payload["loss_per_position"]) == 32 and (tmp_path / "ppl.png").is_file()
+
+
+def test_bench_command_puts_attention_beside_itself(tmp_path, capsys):
+    assert main(["bench", "layers", "--mixers", "attention", "--seq-lens", "16", "32", "--hidden", "16", "--repeats", "1", "--decode-tokens", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    printed = printed_rows(capsys.readouterr().out)
+    assert [(r["mixer"], r["seq_len"]) for r in rows] == [("attention", 16), ("attention", 32)]
+    for row, cells in zip(rows, printed):
+        assert row["fwd_bwd_vs_attention"] == 1.0 and row["fwd_tok_s"] > 0 and row["peak_mem_mb"] > 0
+        assert float(cells[2]) == pytest.approx(row["fwd_tok_s"], rel=1e-3)
+        assert row["state_bytes"] == 2 * row["seq_len"] * 16 * 4
+    assert (tmp_path / "bench.png").is_file()
+
+
+def test_cpu_peak_memory_counts_live_tensors():
+    def hold_ten():
+        blocks = [torch.empty(1 << 18) for _ in range(10)]  # 10 MiB live at once
+        return len(blocks)
+
+    def one_at_a_time():
+        for _ in range(10):
+            torch.empty(1 << 18).fill_(1.0)
+
+    assert peak_memory(hold_ten, torch.device("cpu")) >= 10 * 2**20
+    assert peak_memory(one_at_a_time, torch.device("cpu")) < 3 * 2**20
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["mqar", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"seqzoo-eval: error: checkpoint not found: .*missing\.ckpt", err)
+    with pytest.raises(SystemExit):
+        main(["mqar", "x.ckpt", "--segments", "64-4"])
