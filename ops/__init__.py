@@ -5,6 +5,28 @@ states ``[batch, heads, key_dim, value_dim]``, natural-log decay gates, ``backen
 on CUDA and chunked PyTorch elsewhere.
 """
 
+from seqzoo.ops.affine_scan import affine_scan
+from seqzoo.ops.delta_rule import delta_rule
+from seqzoo.ops.gated_delta_rule import gated_delta_rule
+from seqzoo.ops.gla import gla
+from seqzoo.ops.neural_memory import LinearMemoryState, MLPMemoryState, neural_memory
+from seqzoo.ops.pararnn import ParaGRU, ParaLSTM, RecurrentCell, pararnn
+from seqzoo.ops.simple_gla import simple_gla
 from seqzoo.ops.utils import OpInputError, l2norm
 
-__all__ = ["OpInputError", "l2norm"]
+__all__ = [
+    "LinearMemoryState",
+    "MLPMemoryState",
+    "OpInputError",
+    "ParaGRU",
+    "ParaLSTM",
+    "RecurrentCell",
+    "affine_scan",
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "l2norm",
+    "neural_memory",
+    "pararnn",
+    "simple_gla",
+]
