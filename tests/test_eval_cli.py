@@ -116,3 +116,21 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert re.fullmatch(r"seqzoo-eval: error: checkpoint not found: .*missing\.ckpt", err)
     with pytest.raises(SystemExit):
         main(["mqar", "x.ckpt", "--segments", "64-4"])
+
+
+def test_bench_ops_compares_backends_against_the_reference(tmp_path, capsys):
+    argv = ["bench", "ops", "--ops", "simple_gla", "affine_scan", "--seq-lens", "16", "--batch", "1", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench_ops.json").read_text())["rows"]
+    printed = printed_rows(capsys.readouterr().out)
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("simple_gla", "ours reference"),
+        ("simple_gla", "ours torch"),
+        ("affine_scan", "ours reference"),
+        ("affine_scan", "ours torch"),
+    ]
+    for row, cells in zip(rows, printed):
+        assert float(cells[4]) == pytest.approx(row["fwd_bwd_tok_s"], rel=1e-3)
+    assert [r["fwd_bwd_vs_reference"] for r in rows][::2] == [1.0, 1.0]
+    assert main(["bench", "ops", "--ops", "warp_drive", "--out", str(tmp_path)]) == 1
+    assert "unknown op(s) warp_drive" in capsys.readouterr().err
