@@ -57,6 +57,11 @@ def _check_gate(name: str, g: torch.Tensor | None, shape: tuple[int, ...], devic
         fail(_OP, f"{name} must lie in {'[0, 1]' if upper else '[0, inf)'}, got values in [{lo:.4g}, {hi:.4g}]")
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _state_dtype(q: torch.Tensor) -> torch.dtype:
     """fp32 state for fp32/fp16/bf16 inputs, fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -139,8 +144,9 @@ def neural_memory(
             ``w1, s1: [batch, heads, key_dim, hidden]`` and ``w2, s2: [batch, heads, hidden, value_dim]``.
             Gradients flow into it.
         output_final_state: also return the state after the last token.
-        backend: ``"auto"`` (Triton on CUDA for the linear memory, chunked PyTorch otherwise),
-            ``"torch"``, ``"triton"`` (linear memory only) or ``"reference"`` (the token loop; slow).
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch otherwise), ``"torch"``, ``"triton"`` or
+            ``"reference"`` (the token loop; slow). The MLP memory's Triton kernel is forward-only: with
+            gradients required, ``"auto"`` runs PyTorch and ``"triton"`` is an error.
         mlp_activation: hidden activation of the MLP memory: ``"gelu"`` (exact), ``"silu"``, ``"relu"``, ``"tanh"``.
         mlp_residual_norm: MLP memory ``x + γ ⊙ LN(σ(x W1) W2) + b`` (needs ``key_dim == value_dim``).
         ln_weight, ln_bias: ``[heads, value_dim]`` LN gain/bias of that head, outer parameters (defaults 1, 0).
@@ -177,15 +183,16 @@ def neural_memory(
                 check_float(_OP, name, t)
                 check_shape(_OP, name, t, (heads, value_dim))
         spec = MLPSpec(mlp_activation, bool(mlp_residual_norm), ln_weight, ln_bias, float(ln_eps))
-        if backend == "triton":
-            if requested == "triton":
-                fail(_OP, "backend='triton' supports memory='linear' only; use backend='torch' for 'mlp'")
-            backend = "torch"  # "auto" on CUDA: no MLP kernel yet
     elif ln_weight is not None or ln_bias is not None or mlp_residual_norm:
         fail(_OP, "ln_weight, ln_bias and mlp_residual_norm apply to memory='mlp' only")
 
     dtype = _state_dtype(q)
     state = _initial_state(memory, initial_state, (batch, heads, key_dim, value_dim), q.device, dtype)
+    if memory == "mlp" and backend == "triton" and _needs_grad(q, k, v, lr, momentum, decay, ln_weight, ln_bias, *state):
+        # The MLP kernel is forward-only; training runs the chunked PyTorch path.
+        if requested == "triton":
+            fail(_OP, "backend='triton' for memory='mlp' is inference-only (no gradients); use backend='torch'")
+        backend = "torch"
     zeros = None
     if momentum is None or decay is None:
         zeros = torch.zeros(gate_shape, device=q.device, dtype=dtype)
@@ -198,6 +205,10 @@ def neural_memory(
 
     if backend == "reference":
         o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+    elif memory == "mlp" and backend == "triton":
+        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_mlp_forward
+
+        o, final = neural_memory_triton_mlp_forward(q, k, v, lr, momentum, decay, chunk_size, state, spec)
     elif memory == "mlp":
         o, final = neural_memory_chunk_mlp(q, k, v, lr, momentum, decay, chunk_size, state, spec)
     elif backend == "triton":

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from seqzoo.ops.neural_memory.chunk import chunk_coefficients, log_gates
-from seqzoo.ops.neural_memory.memory import LinearMemoryState
+from seqzoo.ops.neural_memory.memory import LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs
 
 _CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (2, 3)])
@@ -306,3 +306,210 @@ def neural_memory_triton_linear(
         state.weight.contiguous(), state.momentum.contiguous(), chunk_size,
     )  # fmt: skip
     return y, LinearMemoryState(w, s)
+
+
+# ---------------------------------------------------------------------------------------------- MLP memory (forward)
+
+_ACT_CODES = {"gelu": 0, "silu": 1, "relu": 2, "tanh": 3}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * x * (1 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 1:
+        return x * tl.sigmoid(x)
+    elif ACT == 2:
+        return tl.maximum(x, 0.0)
+    else:
+        return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * (1 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == 1:
+        sg = tl.sigmoid(x)
+        return sg * (1 + x * (1 - sg))
+    elif ACT == 2:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        th = 2 * tl.sigmoid(2 * x) - 1
+        return 1 - th * th
+
+
+@triton.jit
+def _ln_head(z, m_v, lnw, lnb, V: tl.constexpr, EPS: tl.constexpr):
+    """Row-wise LayerNorm over the ``V`` valid columns: returns ``(γ ⊙ x̂ + b, x̂, 1/σ)``."""
+    mu = tl.sum(z, axis=1) / V
+    zc = tl.where(m_v[None, :], z - mu[:, None], 0.0)
+    rstd = 1 / tl.sqrt(tl.sum(zc * zc, axis=1) / V + EPS)
+    xhat = zc * rstd[:, None]
+    return xhat * lnw[None, :] + lnb[None, :], xhat, rstd
+
+
+@triton.autotune(configs=_CONFIGS, key=["K", "V", "HID", "CHUNK", "BH"])
+@triton.jit(do_not_specialize=["T", "N"])
+def _mlp_fwd_kernel(
+    q, k, v, theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
+    beta, f, c, c_last, e_last, beta_last, f_last, h_last,  # as in the linear kernels
+    w1, w2, s1, s2,  # [B, H, K, HID], [B, H, HID, V] x2: the working state, updated in place
+    ln_w, ln_b,  # [H, V] (read only when HAS_LNW / HAS_LNB)
+    y,  # [B, T, H, V]
+    T, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HID: tl.constexpr, CHUNK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    ACT: tl.constexpr, RESNORM: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, EPS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (sequence, head): the LN head and the hidden layer couple all value columns, and
+    # the weights (K·HID + HID·V, twice) do not fit in registers, so they live in global memory and
+    # are streamed in hidden blocks of BH, twice per chunk (keys forward, then gradients/reads/writes).
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_j = tl.arange(0, BH)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_c = o_t < CHUNK
+    if HAS_LNW:
+        lnw = tl.load(ln_w + i_h * V + o_v, mask=m_v, other=0.0).to(ACC)
+    else:
+        lnw = tl.where(m_v, 1.0, 0.0).to(ACC)
+    if HAS_LNB:
+        lnb = tl.load(ln_b + i_h * V + o_v, mask=m_v, other=0.0).to(ACC)
+    else:
+        lnb = tl.zeros([BV], dtype=ACC)
+    p_w1 = w1 + i_bh * K * HID
+    p_s1 = s1 + i_bh * K * HID
+    p_w2 = w2 + i_bh * HID * V
+    p_s2 = s2 + i_bh * HID * V
+    for n in range(N):
+        t = n * CHUNK + o_t
+        m_t = m_c & (t < T)
+        row = (i_b * T + t.to(tl.int64)) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+        i_c = i_bh * N + n
+        p_row = i_c * CHUNK + o_t
+        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
+        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
+        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
+        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
+        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
+        bl = tl.load(beta_last + i_c)
+        fl = tl.load(f_last + i_c)
+        hl = tl.load(h_last + i_c)
+
+        # Pass 1: the keys through the chunk-start MLP, for the output-layer gradient G2.
+        z2 = tl.zeros([BT, BV], dtype=ACC)
+        for j0 in range(0, HID, BH):
+            o_h = j0 + o_j
+            m_h = o_h < HID
+            w1b = tl.load(p_w1 + o_k[:, None] * HID + o_h[None, :], mask=m_k[:, None] & m_h[None, :], other=0.0)
+            w2b = tl.load(p_w2 + o_h[:, None] * V + o_v[None, :], mask=m_h[:, None] & m_v[None, :], other=0.0)
+            a = _act(tl.dot(k_n, w1b, input_precision=PRECISION, out_dtype=ACC), ACT)
+            z2 += tl.dot(a, w2b, input_precision=PRECISION, out_dtype=ACC)
+        if RESNORM:
+            head, xhat, rstd = _ln_head(z2, m_v, lnw, lnb, V, EPS)
+            gh = (k_n + head - v_n) * lnw[None, :]  # K == V here: k_n's columns line up with z2's
+            mg = tl.sum(gh, axis=1) / V
+            mgx = tl.sum(gh * xhat, axis=1) / V
+            g2 = rstd[:, None] * (gh - mg[:, None] - xhat * mgx[:, None])
+        else:
+            g2 = z2 - v_n
+        g2 = tl.where(m_tv, th[:, None] * g2, 0.0)
+
+        # Pass 2: hidden-layer gradients, the query reads through per-token weights, the state writes.
+        scores = c_n * tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=ACC)
+        zq2 = tl.zeros([BT, BV], dtype=ACC)
+        aa = tl.zeros([BT, BT], dtype=ACC)
+        for j0 in range(0, HID, BH):
+            o_h = j0 + o_j
+            m_h = o_h < HID
+            m_kh = m_k[:, None] & m_h[None, :]
+            m_hv = m_h[:, None] & m_v[None, :]
+            w1b = tl.load(p_w1 + o_k[:, None] * HID + o_h[None, :], mask=m_kh, other=0.0)
+            s1b = tl.load(p_s1 + o_k[:, None] * HID + o_h[None, :], mask=m_kh, other=0.0)
+            w2b = tl.load(p_w2 + o_h[:, None] * V + o_v[None, :], mask=m_hv, other=0.0)
+            s2b = tl.load(p_s2 + o_h[:, None] * V + o_v[None, :], mask=m_hv, other=0.0)
+            z1 = tl.dot(k_n, w1b, input_precision=PRECISION, out_dtype=ACC)
+            # The transposed activations are recomputed from transposed loads rather than by
+            # transposing a dot result (a Hopper miscompile class, specs/triton.md §3).
+            a_t = _act(tl.dot(tl.trans(w1b), tl.trans(k_n), input_precision=PRECISION, out_dtype=ACC), ACT)
+            g1 = tl.dot(g2, tl.trans(w2b), input_precision=PRECISION, out_dtype=ACC) * _act_grad(z1, ACT)
+            zq1 = b_n[:, None] * tl.dot(q_n, w1b, input_precision=PRECISION, out_dtype=ACC)
+            zq1 += f_n[:, None] * tl.dot(q_n, s1b, input_precision=PRECISION, out_dtype=ACC)
+            zq1 -= tl.dot(scores, g1, input_precision=PRECISION, out_dtype=ACC)
+            aq = _act(zq1, ACT)
+            zq2 += b_n[:, None] * tl.dot(aq, w2b, input_precision=PRECISION, out_dtype=ACC)
+            zq2 += f_n[:, None] * tl.dot(aq, s2b, input_precision=PRECISION, out_dtype=ACC)
+            aa += tl.dot(aq, a_t, input_precision=PRECISION, out_dtype=ACC)
+            kt = tl.trans(k_n)
+            w1n = bl * w1b + fl * s1b - tl.dot(kt * cl[None, :], g1, input_precision=PRECISION, out_dtype=ACC)
+            s1n = hl * s1b - tl.dot(kt * el[None, :], g1, input_precision=PRECISION, out_dtype=ACC)
+            w2n = bl * w2b + fl * s2b - tl.dot(a_t * cl[None, :], g2, input_precision=PRECISION, out_dtype=ACC)
+            s2n = hl * s2b - tl.dot(a_t * el[None, :], g2, input_precision=PRECISION, out_dtype=ACC)
+            tl.store(p_w1 + o_k[:, None] * HID + o_h[None, :], w1n, mask=m_kh)
+            tl.store(p_s1 + o_k[:, None] * HID + o_h[None, :], s1n, mask=m_kh)
+            tl.store(p_w2 + o_h[:, None] * V + o_v[None, :], w2n, mask=m_hv)
+            tl.store(p_s2 + o_h[:, None] * V + o_v[None, :], s2n, mask=m_hv)
+        zq2 -= tl.dot(c_n * aa, g2, input_precision=PRECISION, out_dtype=ACC)
+        if RESNORM:
+            head_q, _, _ = _ln_head(zq2, m_v, lnw, lnb, V, EPS)
+            zq2 = q_n + head_q
+        tl.store(y + row[:, None] * V + o_v[None, :], zq2, mask=m_tv)
+        # The next chunk reads, in other threads, the weights this chunk just stored.
+        tl.debug_barrier()
+
+
+def neural_memory_triton_mlp_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    decay: torch.Tensor,
+    chunk_size: int,
+    state: MLPMemoryState,
+    spec: MLPSpec,
+) -> tuple[torch.Tensor, MLPMemoryState]:
+    """MLP memory forward with Triton (no autograd: inference only); arguments as :func:`.chunk.neural_memory_chunk_mlp`."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    hidden = state.w1.shape[-1]
+    dtype = state.w1.dtype
+    tensor_dtype, acc, precision = _kernel_dtype(dtype)
+    with torch.no_grad():
+        coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+        if TRITON_INTERPRET and q.dtype == torch.bfloat16:
+            q, k, v, lr = (x.float() for x in (q, k, v, lr))
+        work = MLPMemoryState(*(t.detach().to(tensor_dtype).clone(memory_format=torch.contiguous_format) for t in state))
+        y = q.new_empty(batch, seq, heads, value_dim, dtype=tensor_dtype)
+        bt = max(16, triton.next_power_of_2(chunk_size))
+        bk = max(16, triton.next_power_of_2(key_dim))
+        bv = max(16, triton.next_power_of_2(value_dim))
+        bh = max(16, min(32, triton.next_power_of_2(hidden)))
+        dummy = work.w1.new_empty(1)
+        _mlp_fwd_kernel[(batch * heads,)](
+            q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(),
+            *(x.contiguous() for x in (coef.beta, coef.f, coef.C, coef.c_last, coef.e_last)),
+            *(x.contiguous() for x in (coef.beta_last, coef.f_last, coef.h_last)),
+            work.w1, work.w2, work.s1, work.s2,
+            dummy if spec.ln_weight is None else spec.ln_weight.detach().contiguous(),
+            dummy if spec.ln_bias is None else spec.ln_bias.detach().contiguous(),
+            y, seq, coef.beta.shape[2],
+            H=heads, K=key_dim, V=value_dim, HID=hidden, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, BH=bh,
+            ACT=_ACT_CODES[spec.activation], RESNORM=spec.residual_norm,
+            HAS_LNW=spec.ln_weight is not None, HAS_LNB=spec.ln_bias is not None, EPS=spec.eps,
+            ACC=acc, PRECISION=precision,
+        )  # fmt: skip
+    return y, work
