@@ -10,6 +10,7 @@ from seqzoo.models.cache import LayerCache, ModelCache
 from seqzoo.models.language_model import Block, LanguageModel, LanguageModelConfig
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
 from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class, mixer_names, register_mixer
+from seqzoo.models.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
 
 __all__ = [
     "Attention",
@@ -24,6 +25,10 @@ __all__ = [
     "RotaryEmbedding",
     "ShortConvolution",
     "SwiGLU",
+    "TitansLMM",
+    "TitansMAC",
+    "TitansMAG",
+    "TitansMAL",
     "TokenMixer",
     "build_mixer",
     "get_mixer_class",
