@@ -84,3 +84,15 @@ def test_missing_data_file_fails_with_one_line(tmp_path):
         load_documents("files", str(tmp_path / "nope.txt"))
     with pytest.raises(ValueError, match="unknown source"):
         load_documents("web")
+
+
+def test_hub_source_reads_a_dataset_repository_folder(corpus_files, tmp_path):
+    # `load_dataset(name)` resolves a hub name or a local dataset repository the same way; offline,
+    # a folder holding the repository's data files stands in for the hub.
+    repo = tmp_path / "org_corpus"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.jsonl").write_text((corpus_files / "docs.jsonl").read_text())
+    docs = load_documents("hub", name=str(repo), cache_dir=str(tmp_path / "cache"), max_documents=3)
+    assert docs["text"] == DOCS[:3]
+    with pytest.raises(ValueError, match="needs data.name"):
+        load_documents("hub")
