@@ -507,6 +507,7 @@ def _state_backward(
     w,
     gc,
     do,
+    dv_local,
     dv,
     dht,
     dh,
@@ -525,7 +526,10 @@ def _state_backward(
     STORE_DH0: tl.constexpr,
     DT: tl.constexpr,
 ):
-    """Reverse sweep: stores dS after each chunk in ``dh`` and completes ``dv`` (in place: Pᵀ dO on entry, dv' on exit)."""
+    """Reverse sweep: stores dS after each chunk in ``dh`` and the full dv' = Pᵀ dO + (K ⊙ e^{b_C − b}) dS in ``dv``.
+
+    ``dv`` is a separate buffer from ``dv_local``: the autotuner replays the kernel, so it must not update in place.
+    """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -572,7 +576,7 @@ def _state_backward(
             b_qscale = b_qscale * tl.exp(b_g)
             decay = tl.exp(g_last)
         # dv' = Pᵀ dO (stored by _dv_local) + (K ⊙ e^{b_C − b}) dS_next
-        b_dv = _load_rows(dv, bos, o_t, m_t, o_v, m_v, H, V, i_h, DT)
+        b_dv = _load_rows(dv_local, bos, o_t, m_t, o_v, m_v, H, V, i_h, DT)
         b_dv += _dot(_load_rows(k, bos, o_t, m_t, o_k1, m_k1, H, K, i_h, DT) * b_kscale[:, None], b_dh1, DT)
         if K > BK:
             b_dv += _dot(_load_rows(k, bos, o_t, m_t, o_k2, m_k2, H, K, i_h, DT) * b_kscale[:, None], b_dh2, DT)
@@ -932,9 +936,9 @@ def _chunk_backward(q, k, v, beta, gc, Ai, h0, do, dht, scale, meta):
     bv = _block(value_dim)
     # Recompute instead of saving: w, u, the chunk-start states and v' cost one forward state sweep.
     w, _, h, v_new, _ = _wy_and_state(k, v, beta, gc, Ai, h0, meta, store_ht=False)
-    dv = torch.empty_like(v)
+    dv_local = torch.empty_like(v)
     _dv_local[(n_chunks, heads)](
-        q, k, gc_arg, do, dv, chunk_indices, cu, scale,
+        q, k, gc_arg, do, dv_local, chunk_indices, cu, scale,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, BV=bv, USE_G=use_g, DT=tdt,
     )  # fmt: skip
     dh = torch.empty_like(h)
@@ -943,8 +947,9 @@ def _chunk_backward(q, k, v, beta, gc, Ai, h0, do, dht, scale, meta):
     def grid(meta_):
         return (triton.cdiv(value_dim, meta_["BV"]), n_seqs * heads)
 
+    dv = torch.empty_like(v)
     _state_backward[grid](
-        q, k, w, gc_arg, do, dv, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
+        q, k, w, gc_arg, do, dv_local, dv, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         cu, chunk_offsets, scale,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, USE_G=use_g, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, DT=tdt,
@@ -983,14 +988,25 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, scale, h0, output_final_state, meta):
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        g: torch.Tensor | None,
+        scale: float,
+        h0: torch.Tensor | None,
+        output_final_state: bool,
+        meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         o, ht, gc, Ai = _chunk_forward(q, k, v, beta, g, scale, h0, output_final_state, meta)
         ctx.save_for_backward(q, k, v, beta, gc, Ai, h0)
         ctx.scale, ctx.meta, ctx.has_g = scale, meta, g is not None
         return o, ht
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, do: torch.Tensor, dht: torch.Tensor | None) -> tuple:
         q, k, v, beta, gc, Ai, h0 = ctx.saved_tensors
         do = do.contiguous().to(q.dtype)
         dht = dht.contiguous().to(q.dtype) if dht is not None else None

@@ -281,6 +281,23 @@ def test_triton_chunk_matches_reference(batch, seq, heads, key_dim, value_dim, g
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_without_final_state(backend):
+    # No final state requested: the backward gets no state cotangent and must still be right.
+    x = make_inputs(1, 40, 1, 16, 16, dtype=torch.float32, seed=151)
+    grads = {}
+    for b in ("reference", backend):
+        xs = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+        o, ht = gated_delta_rule(
+            xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], initial_state=xs["initial_state"], backend=b
+        )
+        assert ht is None
+        grads[b] = torch.autograd.grad(o.square().sum(), list(xs.values()))
+    for name, a, r in zip(NAMES, grads[backend], grads["reference"]):
+        assert_rel_close(a, r, 1e-4, f"d{name}")
+
+
+@pytest.mark.triton
 def test_triton_cu_seqlens_matches_reference():
     offsets = torch.tensor([0, 5, 70, 100])
     x = make_inputs(1, 100, 1, 16, 16, dtype=torch.float32, seed=101, num_states=3)
