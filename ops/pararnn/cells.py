@@ -1,0 +1,166 @@
+"""ParaRNN's adapted cells: ParaGRU (diagonal Jacobian) and ParaLSTM (CIFG with peepholes, 2×2 blocks).
+
+Both keep the recurrence channel-wise (recurrent weights are vectors) so that the exact Jacobian is
+diagonal or per-channel 2×2, and mix channels only in a block-diagonal multi-head input projection run
+once outside the Newton solve. Initialisation follows ml-pararnn (pararnn.md §1.4): recurrent vectors
+``N(0, (2/√(5N))²)``, xavier-uniform projection per head, zero biases except the first gate's
+``−linspace(0, 1, N)``. The recurrent vectors pass through ``bound·tanh(raw/bound)`` (identity near 0,
+so the init is unchanged) which keeps ``|a| < bound``: bounded Jacobians keep Newton contracting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seqzoo.ops.pararnn.cell import RecurrentCell
+
+
+def bounded(raw: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """``bound · tanh(raw / bound)``: a smooth bound ``|a| < bound``; ``None`` leaves ``raw`` unbounded."""
+    return raw if bound is None else bound * torch.tanh(raw / bound)
+
+
+class MultiHeadGatedCell(RecurrentCell):
+    """Shared parts: ``gates`` rows of a block-diagonal multi-head projection ``x [B, T, D] → u [B, T, gates, N]``.
+
+    Args:
+        input_size: ``D``, divisible by ``num_heads``.
+        hidden_size: ``N``, divisible by ``num_heads``.
+        num_heads: number of diagonal blocks of the projection (ParaRNN's default 2).
+        recurrent_bound: bound on the recurrent vectors (0.5 in ParaRNN's LM recipe); ``None`` for none.
+    """
+
+    gates: int = 3
+
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int = 2, recurrent_bound: float | None = 0.5) -> None:
+        super().__init__()
+        if input_size % num_heads or hidden_size % num_heads:
+            raise ValueError(f"input_size {input_size} and hidden_size {hidden_size} must divide by num_heads {num_heads}")
+        self.input_size, self.hidden_size, self.num_heads = input_size, hidden_size, num_heads
+        self.recurrent_bound = recurrent_bound
+        self.proj = nn.Parameter(torch.empty(num_heads, input_size // num_heads, self.gates, hidden_size // num_heads))
+        self.bias = nn.Parameter(torch.zeros(self.gates, hidden_size))
+        self.reset_projection()
+
+    def reset_projection(self) -> None:
+        """Xavier-uniform per head; zero bias except the first gate, ``−linspace(0, 1, N)``."""
+        fan_in = self.input_size // self.num_heads
+        fan_out = self.gates * self.hidden_size // self.num_heads
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        with torch.no_grad():
+            self.proj.uniform_(-limit, limit)
+            self.bias.zero_()
+            self.bias[0] = -torch.linspace(0.0, 1.0, self.hidden_size)
+
+    @staticmethod
+    def recurrent_init(*shape: int, hidden_size: int) -> nn.Parameter:
+        """ml-pararnn's ``xlstm`` init: ``N(0, (2/√(5N))²)``."""
+        return nn.Parameter(torch.randn(*shape) * (2.0 / math.sqrt(5.0 * hidden_size)))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, D] → u [B, T, gates, N]``: per-head projection plus bias (no state, so outside Newton)."""
+        batch, seq, _ = x.shape
+        xh = x.reshape(batch, seq, self.num_heads, self.input_size // self.num_heads)
+        u = torch.einsum("bthd,hdgn->btghn", xh, self.proj.to(x.dtype))
+        return u.reshape(batch, seq, self.gates, self.hidden_size) + self.bias.to(x.dtype)
+
+
+class ParaGRU(MultiHeadGatedCell):
+    """GRU with diagonal recurrence (``z`` weights the new candidate), state ``[B, T, N]``::
+
+        z = σ(a_z⊙h + u_z),  r = σ(a_r⊙h + u_r),  n = tanh(a_h⊙(r⊙h) + u_h),  h' = z⊙n + (1−z)⊙h
+    """
+
+    structure = "diagonal"
+
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int = 2, recurrent_bound: float | None = 0.5) -> None:
+        super().__init__(input_size, hidden_size, num_heads, recurrent_bound)
+        self.state_size = hidden_size
+        self.recurrent = self.recurrent_init(3, hidden_size, hidden_size=hidden_size)  # rows z, r, h
+
+    def recurrent_parameters(self) -> list[torch.Tensor]:
+        return [self.recurrent]
+
+    def _gates(self, h: torch.Tensor, u: torch.Tensor):
+        a = bounded(self.recurrent, self.recurrent_bound).to(h.dtype)
+        z = torch.sigmoid(a[0] * h + u[..., 0, :])
+        r = torch.sigmoid(a[1] * h + u[..., 1, :])
+        n = torch.tanh(a[2] * (r * h) + u[..., 2, :])
+        return a, z, r, n
+
+    def step(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``h_prev [B, T, N]``, ``u [B, T, 3, N]`` → ``[B, T, N]``."""
+        _, z, _, n = self._gates(h_prev, u)
+        return h_prev + z * (n - h_prev)
+
+    def step_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f`` and the diagonal ``∂f/∂h_prev [B, T, N]`` sharing one gate evaluation."""
+        a, z, r, n = self._gates(h_prev, u)
+        diff = n - h_prev
+        dn = (1 - n * n) * a[2] * (r + h_prev * a[1] * r * (1 - r))
+        jac = (1 - z) + diff * a[0] * z * (1 - z) + z * dn
+        return h_prev + z * diff, jac
+
+    def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.step_and_jacobian(h_prev, u)[1]
+
+
+class ParaLSTM(MultiHeadGatedCell):
+    """CIFG LSTM with peepholes; state ``[c; h]`` of width ``2N``, per-channel 2×2 Jacobian blocks::
+
+        f = σ(a_f⊙h + p_f⊙c + u_f),  c̃ = tanh(a_c⊙h + u_c),  c' = f⊙c + (1−f)⊙c̃
+        o = σ(a_o⊙h + p_o⊙c' + u_o),  h' = o⊙tanh(c')          (the output peephole reads the new c')
+
+    :meth:`output` returns ``h``. ``u`` rows are ``(f, o, c̃)``.
+    """
+
+    structure = "block2"
+
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int = 2, recurrent_bound: float | None = 0.5) -> None:
+        super().__init__(input_size, hidden_size, num_heads, recurrent_bound)
+        self.state_size = 2 * hidden_size
+        self.recurrent = self.recurrent_init(3, hidden_size, hidden_size=hidden_size)  # rows f, o, c̃
+        self.peephole = self.recurrent_init(2, hidden_size, hidden_size=hidden_size)  # rows f, o
+
+    def recurrent_parameters(self) -> list[torch.Tensor]:
+        return [self.recurrent, self.peephole]
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, T, 2N] → [B, T, N]``: the ``h`` half."""
+        return h[..., self.hidden_size :]
+
+    def _forward(self, state: torch.Tensor, u: torch.Tensor, with_jacobian: bool):
+        a = bounded(self.recurrent, self.recurrent_bound).to(state.dtype)
+        p = bounded(self.peephole, self.recurrent_bound).to(state.dtype)
+        c, h = state[..., : self.hidden_size], state[..., self.hidden_size :]
+        f = torch.sigmoid(a[0] * h + p[0] * c + u[..., 0, :])
+        cand = torch.tanh(a[2] * h + u[..., 2, :])
+        c_new = cand + f * (c - cand)
+        o = torch.sigmoid(a[1] * h + p[1] * c_new + u[..., 1, :])
+        tc = torch.tanh(c_new)
+        out = torch.cat([c_new, o * tc], dim=-1)
+        if not with_jacobian:
+            return out, None
+        df = f * (1 - f) * (c - cand)
+        dc_dc = f + df * p[0]
+        dc_dh = df * a[0] + (1 - f) * a[2] * (1 - cand * cand)
+        do = o * (1 - o) * tc
+        dtanh = o * (1 - tc * tc)
+        dh_dc = (dtanh + do * p[1]) * dc_dc
+        dh_dh = do * (a[1] + p[1] * dc_dh) + dtanh * dc_dh
+        jac = torch.stack([torch.stack([dc_dc, dc_dh], -1), torch.stack([dh_dc, dh_dh], -1)], -2)
+        return out, jac
+
+    def step(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``h_prev [B, T, 2N]`` (``[c; h]``), ``u [B, T, 3, N]`` → ``[B, T, 2N]``."""
+        return self._forward(h_prev, u, False)[0]
+
+    def step_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f`` and the blocks ``[B, T, N, 2, 2]`` (rows/cols ``(c, h)``) from one gate evaluation."""
+        return self._forward(h_prev, u, True)
+
+    def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._forward(h_prev, u, True)[1]

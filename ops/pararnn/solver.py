@@ -1,0 +1,224 @@
+"""ParaRNN: apply a nonlinear recurrence ``h_t = f(h_{t-1}, u_t)`` to a whole sequence by Newton's method.
+
+The states ``H = [h_0 … h_{T-1}]`` solve ``F_t(H) = h_t − f(h_{t-1}, u_t) = 0``. ``∂F/∂H`` is block lower
+bidiagonal (identity diagonal, ``−A_t`` below), so a Newton step is the linear recurrence
+
+    δ_t = A_t δ_{t-1} + r_t,   r_t = f(h_{t-1}, u_t) − h_t,   δ_{-1} = 0,   H ← H + ω δ,
+
+solved by :func:`seqzoo.ops.affine_scan.affine_scan` (diagonal, 2×2 blocks) or a plain loop (dense,
+prototyping). ``A_0`` only ever multiplies ``δ_{-1} = 0``, so the Jacobian at the first step is ignored.
+With ``ω = 1``, after ``k`` iterations ``h_0 … h_k`` are exact (``h_0`` already is with the ``f(0, x)``
+guess); ``max_iters = seq`` is always the sequential result.
+
+Backward (implicit differentiation at the solution, nothing from the iterations is saved): with the output
+gradient ``g``, ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` (one reverse ``affine_scan``), then one batched VJP of
+``f(roll(H), u)`` with cotangent ``λ`` gives the gradients of ``u``, the initial state and the parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from seqzoo.ops.affine_scan import adjoint_coeff, affine_scan
+from seqzoo.ops.pararnn.cell import RecurrentCell
+
+
+@dataclass
+class NewtonInfo:
+    """Diagnostics of one parallel solve.
+
+    Attributes:
+        iterations: Newton updates applied.
+        residuals: ``max_t,i |f(h_{t-1}, u_t) − h_t|`` of each iterate before its update (index 0 is the
+            initial guess), plus the final iterate's when ``check_residual`` was asked for.
+    """
+
+    iterations: int = 0
+    residuals: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    """Newton settings: fixed ``max_iters`` (ParaRNN uses 3), damping ``omega`` (< 1 damps), the initial
+    guess ``"f0"`` (``h_t = f(0, u_t)``, all ``t`` in parallel) or ``"zeros"``, an optional early stop when
+    the residual's max-norm is ``<= tol``, the scan backend, and whether to evaluate the final residual
+    (one extra ``step``)."""
+
+    max_iters: int = 3
+    omega: float = 1.0
+    init_guess: str = "f0"
+    tol: float | None = None
+    scan_backend: str = "auto"
+    check_residual: bool = False
+
+
+def shift_states(h: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+    """``h_prev``: ``[initial (or 0), h_0, …, h_{T-2}]`` from ``h [batch, seq, S]`` and ``initial [batch, S]``."""
+    first = torch.zeros_like(h[:, :1]) if initial is None else initial.unsqueeze(1).to(h.dtype)
+    return torch.cat([first, h[:, :-1]], dim=1)
+
+
+def _to_pairs(x: torch.Tensor) -> torch.Tensor:
+    # [.., 2N] = [p; q] halves → [.., N, 2] channel pairs, the layout of affine_scan's 2×2 blocks.
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2)
+
+
+def _from_pairs(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2).flatten(-2)
+
+
+def _dense_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Loop ``h_t = a_t h_{t∓1} + b_t`` for dense ``a [batch, seq, S, S]`` (prototyping cells only)."""
+    out = torch.empty_like(b)
+    h = torch.zeros_like(b[:, 0])
+    for t in range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1]):
+        h = torch.einsum("bij,bj->bi", a[:, t], h) + b[:, t]
+        out[:, t] = h
+    return out
+
+
+def linear_solve(structure: str, jac: torch.Tensor, rhs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Solve ``δ_t = A_t δ_{t-1} + r_t`` with ``δ_{-1} = 0`` (``A_0`` is therefore irrelevant).
+
+    ``jac`` in the cell's structure (``[B, T, S]``, ``[B, T, S/2, 2, 2]`` or ``[B, T, S, S]``), ``rhs [B, T, S]``.
+    """
+    if structure == "diagonal":
+        return affine_scan(jac, rhs, backend=backend)[0]
+    if structure == "block2":
+        return _from_pairs(affine_scan(jac, _to_pairs(rhs), backend=backend)[0])
+    return _dense_scan(jac, rhs, reverse=False)
+
+
+def adjoint_solve(structure: str, jac: torch.Tensor, grad: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Solve the transposed system ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}``, ``λ_{T-1} = g_{T-1}``, by a reverse scan.
+
+    Shapes as in :func:`linear_solve`; ``A_0`` is unused.
+    """
+    if structure == "diagonal":
+        return affine_scan(adjoint_coeff(jac, "diag", reverse=False), grad, reverse=True, backend=backend)[0]
+    if structure == "block2":
+        coeff = adjoint_coeff(jac, "block2", reverse=False)
+        return _from_pairs(affine_scan(coeff, _to_pairs(grad), reverse=True, backend=backend)[0])
+    coeff = torch.cat([jac[:, 1:].transpose(-1, -2), torch.zeros_like(jac[:, :1])], dim=1)
+    return _dense_scan(coeff, grad, reverse=True)
+
+
+def expand_jacobian(structure: str, jac: torch.Tensor) -> torch.Tensor:
+    """The dense ``[B, T, S, S]`` matrix of a diagonal or 2×2-block Jacobian (for checks and debugging)."""
+    if structure == "dense":
+        return jac
+    if structure == "diagonal":
+        return torch.diag_embed(jac)
+    half = jac.shape[-3]
+    rows = [torch.cat([torch.diag_embed(jac[..., r, s]) for s in range(2)], dim=-1) for r in range(2)]
+    assert rows[0].shape[-1] == 2 * half
+    return torch.cat(rows, dim=-2)
+
+
+@torch.no_grad()
+def newton_solve(
+    cell: RecurrentCell,
+    u: torch.Tensor,
+    initial: torch.Tensor | None,
+    config: NewtonConfig,
+    info: NewtonInfo | None = None,
+) -> torch.Tensor:
+    """Newton iterations for the states of ``cell`` on prepared inputs ``u [batch, seq, ...]``, no autograd.
+
+    ``initial [batch, S]`` is ``h_{-1}`` (zeros if ``None``). Returns ``H [batch, seq, S]``; fills ``info``.
+    """
+    batch, seq = u.shape[:2]
+    size = cell.state_size
+    if config.init_guess == "f0":
+        # f(h_{-1}, u_0) at t = 0 and f(0, u_t) elsewhere: all independent, so one batched step.
+        prev0 = u.new_zeros(batch, seq, size)
+        if initial is not None:
+            prev0[:, 0] = initial
+        h = cell.step(prev0, u)
+    else:
+        h = u.new_zeros(batch, seq, size)
+    residuals = []
+    done = 0
+    for _ in range(config.max_iters):
+        f, jac = cell.step_and_jacobian(shift_states(h, initial), u)
+        r = f - h
+        residuals.append(r.abs().amax())
+        if config.tol is not None and residuals[-1].item() <= config.tol:
+            break
+        delta = linear_solve(cell.structure, jac, r, config.scan_backend)
+        h = h + delta if config.omega == 1.0 else h + config.omega * delta
+        done += 1
+    if config.check_residual:
+        residuals.append((cell.step(shift_states(h, initial), u) - h).abs().amax())
+    if info is not None:
+        info.iterations = done
+        info.residuals = [float(x) for x in residuals]
+    return h
+
+
+class NewtonRNNFunction(torch.autograd.Function):
+    """Newton forward under ``no_grad``; backward by the adjoint recurrence and one VJP through ``step``.
+
+    Saves only ``u``, ``initial`` and the solution ``H`` (no Jacobians, no iterates).
+    """
+
+    @staticmethod
+    def forward(ctx, cell, config, info, u, initial, *params):  # type: ignore[override]
+        h = newton_solve(cell, u, initial, config, info)
+        ctx.save_for_backward(u, initial, h)
+        ctx.cell, ctx.config = cell, config
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h):  # type: ignore[override]
+        u, initial, h = ctx.saved_tensors
+        # h is this Function's own output: without detach the VJP below would recurse into this backward.
+        h = h.detach()
+        cell, config = ctx.cell, ctx.config
+        params = cell.recurrent_parameters()
+        with torch.no_grad():
+            jac = cell.jacobian(shift_states(h, initial), u)
+            lam = adjoint_solve(cell.structure, jac, grad_h.contiguous(), config.scan_backend)
+        needs_u, needs_init = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        needs_params = ctx.needs_input_grad[5:]
+        with torch.enable_grad():
+            u_ = u.detach().requires_grad_(needs_u)
+            init_ = None if initial is None else initial.detach().requires_grad_(needs_init)
+            f = cell.step(shift_states(h, init_), u_)
+            wrt = [u_] if needs_u else []
+            if needs_init:
+                wrt.append(init_)
+            wrt += [p for p, need in zip(params, needs_params) if need]
+            grads = list(torch.autograd.grad(f, wrt, lam, allow_unused=True)) if wrt else []
+        du = grads.pop(0) if needs_u else None
+        dinit = grads.pop(0) if needs_init else None
+        dparams = [grads.pop(0) if need else None for need in needs_params]
+        return (None, None, None, du, dinit, *dparams)
+
+
+def sequential_apply(cell: RecurrentCell, u: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+    """The plain loop ``h_t = f(h_{t-1}, u_t)`` (decoding and the reference), differentiable by autograd.
+
+    ``u [batch, seq, ...]``, ``initial [batch, S]`` → ``H [batch, seq, S]``.
+    """
+    h = u.new_zeros(u.shape[0], 1, cell.state_size) if initial is None else initial.unsqueeze(1).to(u.dtype)
+    out = []
+    for t in range(u.shape[1]):
+        h = cell.step(h, u[:, t : t + 1])
+        out.append(h)
+    return torch.cat(out, dim=1)
+
+
+def parallel_apply(
+    cell: RecurrentCell,
+    u: torch.Tensor,
+    initial: torch.Tensor | None,
+    config: NewtonConfig,
+    info: NewtonInfo | None = None,
+) -> torch.Tensor:
+    """Newton solve with the adjoint backward: ``u [batch, seq, ...]``, ``initial [batch, S]`` → ``H [batch, seq, S]``."""
+    params = cell.recurrent_parameters()
+    return NewtonRNNFunction.apply(cell, config, info, u, initial, *params)
