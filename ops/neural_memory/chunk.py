@@ -31,9 +31,9 @@ from seqzoo.ops.neural_memory.memory import (
     layer_norm_head_grad,
 )
 
-# Gates are floored before the log: η = 0 or α = 1 give log 0 = −inf, and −inf − (−inf) is NaN. e^-60 is
-# far below the rounding of fp64, so the floor does not change any value; only the derivative with
-# respect to a gate sitting exactly at 0 (η) or 1 (α) is lost (it is clamped to zero).
+# Gates are floored before the log: η = 0 or α = 1 give log 0 = −inf, and −inf − (−inf) is NaN. The
+# floor (≈ e^-60) is far below the rounding of fp64, so it changes no value; only the derivative with
+# respect to a gate sitting exactly at 0 (η) or 1 (α) is lost (the clamp passes no gradient there).
 GATE_FLOOR = 1e-26
 # Decay products below e^-80 (1.8e-35, far below the rounding of fp64) are set to exactly 0 so that
 # they cannot turn into fp32 denormals, which slow CPU matmuls by an order of magnitude.

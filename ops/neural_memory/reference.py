@@ -54,7 +54,13 @@ def neural_memory_reference(
     weights = tuple(state[:n_w])
     moms = tuple(state[n_w:])
     outputs = []
-    # The inner gradient must be differentiable even under torch.no_grad (inference): it is the update.
+    tracked = [q, k, v, lr, momentum, decay, *state]
+    if mlp is not None:
+        tracked += [mlp.ln_weight, mlp.ln_bias]
+    # Outer gradients are wanted only when autograd records this call; otherwise the inner gradients
+    # are taken without a graph of their own and the results are detached.
+    outer = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+    # The inner gradient must be computable even under torch.no_grad (inference): it is the update.
     with torch.enable_grad():
         base: tuple[torch.Tensor, ...] = weights
         for t in range(seq):
@@ -70,10 +76,12 @@ def neural_memory_reference(
             # ½‖M(k) − v‖², summed over batch and heads: each (batch, head) owns its weights, so the
             # gradient of the sum with respect to them is each pair's own gradient.
             loss = 0.5 * (_memory_apply(k_t, base, mlp) - v_t).pow(2).sum()
-            grads = torch.autograd.grad(loss, base, create_graph=True)
+            grads = torch.autograd.grad(loss, base, create_graph=outer)
             moms = tuple(eta * s - theta * g for s, g in zip(moms, grads))
             weights = tuple(retain * w + s for w, s in zip(weights, moms))
             outputs.append(_memory_apply(q_t, weights, mlp))
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=dtype)
     final = type(state)(*weights, *moms)
+    if not outer:
+        o, final = o.detach(), type(state)(*(t.detach() for t in final))
     return o, final
