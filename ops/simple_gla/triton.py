@@ -593,6 +593,8 @@ class ChunkGatedLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, output_final_state, cu_seqlens, g_mode, intra):
         in_dtype, state_dtype = q.dtype, (torch.float64 if q.dtype == torch.float64 else torch.float32)
+        # Each gradient must come back in its own input's dtype (they may differ, e.g. a bf16 q with an fp32 state).
+        ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, g, h0)]
         q, k, v, g, h0 = _compute_inputs(q, k, v, g, h0)
         if h0 is not None:
             h0 = h0.to(state_dtype)
@@ -602,7 +604,7 @@ class ChunkGatedLinearAttention(torch.autograd.Function):
         A = chunk_scalar_A(q, k, gc, m) if intra is None else intra[0](q, k, gc, m)
         o = chunk_fwd_o(q, v, gc, h, A, m)
         ctx.save_for_backward(q, k, v, gc, h0, A, ht)
-        ctx.m, ctx.intra, ctx.in_dtype, ctx.g_dtype = m, intra, in_dtype, None if g is None else g.dtype
+        ctx.m, ctx.intra = m, intra
         return o.to(in_dtype), ht
 
     @staticmethod
@@ -616,9 +618,9 @@ class ChunkGatedLinearAttention(torch.autograd.Function):
         dg = None
         if gc is not None:
             acc = dq.dtype
-            dg = gate_grad_from_qk(q.to(acc), k.to(acc), dq, dk, ht, dht, m, per_key=m.g_mode == 2).to(ctx.g_dtype)
-        t = ctx.in_dtype
-        return dq.to(t), dk.to(t), dv.to(t), dg, dh0, None, None, None, None, None
+            dg = gate_grad_from_qk(q.to(acc), k.to(acc), dq, dk, ht, dht, m, per_key=m.g_mode == 2)
+        grads = [None if t is None else t.to(dt) for t, dt in zip((dq, dk, dv, dg, dh0), ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
 
 
 def chunk_gated_linear_attention(q, k, v, g, g_mode, intra, *, scale, initial_state, output_final_state, cu_seqlens):

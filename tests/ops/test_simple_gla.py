@@ -263,6 +263,37 @@ def test_triton_strong_decay_and_low_precision():
 
 
 @pytest.mark.triton
+def test_triton_wide_keys_two_blocks():
+    # K = 72 spans two 64-wide key tiles (and two partial outputs in the recurrent kernel); V = 20 is masked.
+    inputs = [t.float() for t in make_inputs(1, 20, 1, 72, 20)]
+    ref = outputs_and_grads(simple_gla_reference, *(t.double() for t in inputs))
+    assert_all_close(outputs_and_grads(simple_gla, *inputs, backend="triton"), ref, 1e-4)
+    with torch.no_grad():
+        o, ht = simple_gla(*inputs[:4], initial_state=inputs[4], output_final_state=True, backend="triton")
+    assert_rel_close(o, ref[0], 1e-5, "recurrent o")
+    assert_rel_close(ht, ref[1], 1e-5, "recurrent final_state")
+
+
+@pytest.mark.triton
+def test_triton_mixed_dtypes_grads():
+    q, k, v, g, h0 = (t.float() for t in make_inputs(1, 70, 1, 16, 16))
+    inputs = (q.half(), k.half(), v.half(), g, h0)
+
+    def grads(fn, tensors, **kwargs):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, **kwargs)
+        (o.double().sum() + ht.double().sum()).backward()
+        return [t.grad for t in leaves]
+
+    got = grads(simple_gla, inputs, backend="triton")
+    # Each gradient comes back in its own input's dtype.
+    assert [t.dtype for t in got] == [torch.float16] * 3 + [torch.float32] * 2
+    ref = grads(simple_gla_reference, [t.double() for t in inputs])
+    for name, a, b in zip(NAMES, got, ref):
+        assert_rel_close(a, b, 3e-3, name)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("gate", [True, False])
 def test_triton_gradcheck(gate):
     q, k, v, g, h0 = (None if t is None else t.requires_grad_() for t in make_inputs(1, 9, 1, 4, 3, gate=gate))
