@@ -7,20 +7,33 @@ Token mixers are registered by name (:func:`register_mixer`) and stacked by
 from seqzoo.models.attention import Attention
 from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import LayerCache, ModelCache
+from seqzoo.models.deltanet import DeltaNet, GatedDeltaNet
+from seqzoo.models.gla import GatedLinearAttention
+from seqzoo.models.hgrn2 import HGRN2
 from seqzoo.models.language_model import Block, LanguageModel, LanguageModelConfig
+from seqzoo.models.linear_attention import LinearAttention
+from seqzoo.models.mamba2 import Mamba2
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
 from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class, mixer_names, register_mixer
+from seqzoo.models.retnet import MultiScaleRetention
 from seqzoo.models.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
 
 __all__ = [
     "Attention",
     "Block",
     "ConfigError",
+    "DeltaNet",
+    "GatedDeltaNet",
+    "GatedLinearAttention",
     "GatedRMSNorm",
+    "HGRN2",
     "LanguageModel",
     "LanguageModelConfig",
     "LayerCache",
+    "LinearAttention",
+    "Mamba2",
     "ModelCache",
+    "MultiScaleRetention",
     "RMSNorm",
     "RotaryEmbedding",
     "ShortConvolution",
