@@ -1027,6 +1027,8 @@ def _as_kernel_input(t: torch.Tensor | None, dtype: torch.dtype, on_gpu: bool) -
     return t.contiguous()
 
 
+# Dynamo cannot trace raw Triton launches reliably (triton.md §3): run these eagerly inside compiled code.
+@torch.compiler.disable
 def chunk_gated_delta_rule_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1073,6 +1075,8 @@ def chunk_gated_delta_rule_triton(
     return o.view(batch, seq, heads, value_dim).to(out_dtype), ht
 
 
+# Dynamo cannot trace raw Triton launches reliably (triton.md §3): run these eagerly inside compiled code.
+@torch.compiler.disable
 def fused_recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
