@@ -268,6 +268,8 @@ TRITON_CASES = [
     pytest.param(1, 64, 1, 32, 16, False, True, False, id="T64-delta-h0"),
     pytest.param(1, 130, 1, 32, 24, True, False, True, id="T130-gated-l2norm"),
     pytest.param(1, 65, 1, 20, 16, False, False, False, id="T65-delta-oddK"),
+    # key_dim 140: three 64-wide key tiles in the state kernels, the last one masked
+    pytest.param(1, 70, 1, 140, 16, True, True, False, id="T70-gated-K140"),
 ]
 
 
@@ -328,7 +330,7 @@ def test_triton_fused_recurrent(gated, seq, monkeypatch):
 @pytest.mark.triton
 def test_triton_fused_recurrent_packed_bf16():
     offsets = torch.tensor([0, 3, 20])
-    x = make_inputs(1, 20, 2, 16, 16, dtype=torch.float32, seed=121, num_states=2)
+    x = make_inputs(1, 20, 2, 20, 12, dtype=torch.float32, seed=121, num_states=2)  # masked K and V tiles
     ref = run(x, cu_seqlens=offsets, backend="reference")
     out = gdr_triton.fused_recurrent_gated_delta_rule(
         *(x[n].bfloat16() for n in ("q", "k", "v", "beta", "g")), 0.25, x["initial_state"], True, offsets
