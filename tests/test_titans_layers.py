@@ -1,0 +1,205 @@
+"""Titans layers (titans_lmm, titans_mag, titans_mal, titans_mac): streaming == one call (also mid-chunk and
+mid-segment), token-by-token decode == parallel, causality (inside a chunk and inside a MAC segment),
+gradients, cache size, option errors, configs train through ``train.run``."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from seqzoo.models import ConfigError, LanguageModel, build_mixer
+from seqzoo.models.titans import TitansMAC
+from tests.helpers import assert_rel_close
+from tests.test_training import TINY
+
+HIDDEN = 16
+# Small chunks and segments so that 13-token inputs cross several chunk and segment boundaries.
+CASES = {
+    "lmm_linear": ("titans_lmm", {"chunk_size": 4}),
+    "lmm_mlp": ("titans_lmm", {"chunk_size": 4, "memory": "mlp", "mlp_expansion": 2}),
+    "lmm_plain": ("titans_lmm", {"chunk_size": 3, "conv_size": None, "use_momentum": False, "use_decay": False, "num_heads": 1}),
+    "mag": ("titans_mag", {"chunk_size": 4, "window_size": 5}),
+    "mal_mlp": ("titans_mal", {"chunk_size": 4, "window_size": 5, "memory": "mlp", "mlp_expansion": 2}),
+    "mac_linear": ("titans_mac", {"chunk_size": 2, "segment_size": 4}),
+    "mac_mlp": ("titans_mac", {"chunk_size": 4, "segment_size": 8, "memory": "mlp", "mlp_expansion": 2, "num_persistent": 2}),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tensors are tiny: with 2 threads on a shared 2-core machine the op runs ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(case):
+    name, options = CASES[case]
+    torch.manual_seed(0)
+    layer = build_mixer(name, HIDDEN, 0, {"num_heads": 2, **options})
+    # Non-trivial persistent K/V and output norms (they start at zero / one).
+    with torch.no_grad():
+        for pname, p in layer.named_parameters():
+            if "persistent" in pname or "norm" in pname or "ln_" in pname:
+                p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_and_any_split_equal_the_parallel_forward(case):
+    layer = make(case)
+    torch.manual_seed(1)
+    x = torch.randn(2, 13, HIDDEN)
+    full = layer(x)
+    # Prefill of an odd length (mid-chunk, mid-segment), then token by token.
+    cache = layer.init_cache(2)
+    pieces = [layer(x[:, :5], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(5, 13)]
+    assert_rel_close(torch.cat(pieces, 1), full, 1e-4, f"{case} decode")
+    assert cache.seen_tokens == 13
+    assert cache.nbytes() == layer.state_size(batch=2, seq_len=13)
+    # Splits at every point, each a two-call stream: the second call starts mid-chunk for most s.
+    for s in range(1, 13):
+        cache = layer.init_cache(2)
+        out = torch.cat([layer(x[:, :s], cache=cache), layer(x[:, s:], cache=cache)], 1)
+        assert_rel_close(out, full, 1e-4, f"{case} split at {s}")
+        assert cache.nbytes() == layer.state_size(batch=2, seq_len=13)
+    # Three uneven pieces that each cross chunk boundaries.
+    cache = layer.init_cache(2)
+    out = torch.cat([layer(x[:, a:b], cache=cache) for a, b in ((0, 3), (3, 10), (10, 13))], 1)
+    assert_rel_close(out, full, 1e-4, f"{case} three pieces")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_causal_at_every_position_also_inside_a_chunk(case):
+    layer = make(case)
+    torch.manual_seed(2)
+    x = torch.randn(1, 12, HIDDEN)
+    full = layer(x)
+    # Position 5 sits mid-chunk for every case and mid-segment for MAC (segments of 4 and 8).
+    for t in (1, 5, 6, 10):
+        x2 = x.clone()
+        x2[:, t:] += torch.randn_like(x2[:, t:])
+        out = layer(x2)
+        assert torch.equal(out[:, :t], full[:, :t]), f"{case}: outputs before {t} changed"
+        assert not torch.allclose(out[:, t], full[:, t]), f"{case}: output {t} ignores its own token"
+
+
+def test_mac_segment_tokens_do_not_leak_into_earlier_ones():
+    # MAC hazards (a)/(b) of spec §2.4: the memory tokens of a segment and the segment-end memory must not
+    # reach earlier tokens of the same segment. One segment of 8 tokens; perturb only the last one.
+    layer = make("mac_mlp")
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, HIDDEN)
+    full = layer(x)
+    x2 = x.clone()
+    x2[:, 7] += 3.0
+    out = layer(x2)
+    assert torch.equal(out[:, :7], full[:, :7])
+    # The next segment does read the memory written by the whole previous segment.
+    y = torch.randn(2, 16, HIDDEN)
+    y2 = y.clone()
+    y2[:, 3] += 3.0
+    a, b = layer(y), layer(y2)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-4
+
+
+def test_mac_reads_the_previous_segment_memory():
+    # With the memory output gate forced open (norm gain 0 → sigmoid(0) = 1/2 everywhere) the only route from
+    # segment 0 to segment 1 is the memory read h = M_{n−1}(q): zeroing the read weights must cut it.
+    layer = make("mac_linear")
+    with torch.no_grad():
+        layer.combine.norm_m.weight.zero_()
+    torch.manual_seed(4)
+    x = torch.randn(1, 8, HIDDEN)
+    x2 = x.clone()
+    x2[:, 1] += 2.0
+    assert (layer(x)[:, 4:] - layer(x2)[:, 4:]).abs().max() > 1e-5
+    with torch.no_grad():
+        layer.h_kv.weight.zero_()
+    assert torch.allclose(layer(x)[:, 4:], layer(x2)[:, 4:], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["lmm_linear", "lmm_mlp", "mag", "mal_mlp", "mac_mlp"])
+def test_gradients_reach_every_parameter_and_are_finite(case):
+    layer = make(case)
+    x = torch.randn(2, 10, HIDDEN, requires_grad=True)
+    layer(x).square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{case}: bad gradient for {name}"
+        assert p.grad.abs().sum() > 0, f"{case}: zero gradient for {name}"
+
+
+def test_learned_initial_memory_is_used_and_not_zero():
+    layer = make("lmm_mlp")
+    w1, w2 = layer.memory.init_weights
+    assert w1.abs().min() > 0 and w2.abs().min() > 0
+    assert all(getattr(p, "_no_weight_decay", False) for p in layer.memory.init_weights)
+    x = torch.randn(1, 6, HIDDEN)
+    before = layer(x)
+    with torch.no_grad():
+        w2.mul_(2.0)
+    assert not torch.allclose(layer(x), before)
+
+
+def test_state_size_counts_pending_tokens_and_max():
+    layer = make("mac_linear")  # chunk 2, segment 4
+    sizes = [layer.state_size(batch=3, seq_len=n) for n in range(1, 9)]
+    # Pending memory tokens and segment KV grow inside a segment and drop at its end.
+    assert sizes[3] < sizes[2] and sizes[7] == sizes[3] and sizes[4] > sizes[3]
+    assert layer.state_size(batch=3) == max(sizes)
+    lmm = make("lmm_linear")
+    cache = lmm.init_cache(3)
+    lmm(torch.randn(3, 8, HIDDEN), cache=cache)  # two full chunks: no pending tokens left
+    assert cache.get("pending_qkv").shape[1] == 0
+    assert cache.nbytes() == lmm.state_size(batch=3, seq_len=8) < lmm.state_size(batch=3)
+    assert cache.get("recurrent").dtype == torch.float32
+    with pytest.raises(ValueError, match="seq_len"):
+        build_mixer("titans_mag", HIDDEN, 0, {"window_size": None}).state_size()
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("titans_lmm", {"memory": "deep"}, "memory must be"),
+        ("titans_lmm", {"chunk_size": 0}, "chunk_size"),
+        ("titans_lmm", {"max_lr": 0.0}, "max_lr"),
+        ("titans_mag", {"window_size": 0}, "window_size"),
+        ("titans_mac", {"chunk_size": 3, "segment_size": 8}, "multiple of chunk_size"),
+        ("titans_mal", {"num_persistent": -1}, "num_persistent"),
+        ("titans_lmm", {"chunk_sise": 4}, "unknown option"),
+    ],
+)
+def test_bad_options_fail_with_one_line(name, options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build_mixer(name, HIDDEN, 0, options)
+    assert "\n" not in str(info.value)
+
+
+def test_language_model_generate_with_cache_equals_without():
+    torch.manual_seed(0)
+    model = LanguageModel(
+        {
+            "vocab_size": 30,
+            "hidden_size": HIDDEN,
+            "num_layers": 2,
+            "pattern": ["titans_mac", "titans_mag"],
+            "mixers": {"titans_mac": {"chunk_size": 2, "segment_size": 4}, "titans_mag": {"chunk_size": 4, "window_size": 3}},
+            "mlp": "swiglu",
+        }
+    )
+    prompt = torch.randint(0, 30, (2, 7))
+    a = model.generate(prompt, 6, temperature=0)
+    b = model.generate(prompt, 6, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert isinstance(model.blocks[0].mixer, TitansMAC)
+
+
+@pytest.mark.parametrize("model", ["titans_lmm", "titans_mag", "titans_mal", "titans_mac"])
+def test_config_composes_and_trains_one_step(model, tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
+        cfg = compose("config", overrides=[*TINY, f"model={model}", "trainer.max_steps=2", "test_after_fit=false"])
+    result = train.run(cfg, tmp_path)
+    losses = [loss for _, loss in result["losses"]]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
