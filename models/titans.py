@@ -406,6 +406,8 @@ class TitansLMM(TokenMixer):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
         check_hidden("titans_lmm", x, self.hidden_size)
+        if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
+            return x.new_zeros(x.shape)
         state = _load(cache)
         o = self.memory.run(*self.memory.features(x, state), state)
         gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
@@ -482,6 +484,8 @@ class TitansMAG(TokenMixer):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
         check_hidden("titans_mag", x, self.hidden_size)
+        if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
+            return x.new_zeros(x.shape)
         state = _load(cache)
         y = self.attn(x, state, 0 if cache is None else cache.seen_tokens)
         m = self.memory.run(*self.memory.features(x, state), state)
@@ -546,6 +550,8 @@ class TitansMAL(TokenMixer):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
         check_hidden("titans_mal", x, self.hidden_size)
+        if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
+            return x.new_zeros(x.shape)
         state = _load(cache)
         lmm = self.lmm
         o = lmm.memory.run(*lmm.memory.features(x, state), state)
@@ -634,6 +640,8 @@ class TitansMAC(TokenMixer):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
         check_hidden("titans_mac", x, self.hidden_size)
+        if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
+            return x.new_zeros(x.shape)
         state = _load(cache)
         offset = 0 if cache is None else cache.seen_tokens
         batch, seq, _ = x.shape

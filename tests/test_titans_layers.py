@@ -54,7 +54,8 @@ def test_decode_and_any_split_equal_the_parallel_forward(case):
     full = layer(x)
     # Prefill of an odd length (mid-chunk, mid-segment), then token by token.
     cache = layer.init_cache(2)
-    pieces = [layer(x[:, :5], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(5, 13)]
+    pieces = [layer(x[:, :5], cache=cache), layer(x[:, 5:5], cache=cache)]  # an empty call changes nothing
+    pieces += [layer(x[:, t : t + 1], cache=cache) for t in range(5, 13)]
     assert_rel_close(torch.cat(pieces, 1), full, 1e-4, f"{case} decode")
     assert cache.seen_tokens == 13
     assert cache.nbytes() == layer.state_size(batch=2, seq_len=13)
