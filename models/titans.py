@@ -253,27 +253,6 @@ def _xavier(heads: int, fan_in: int, fan_out: int) -> torch.Tensor:
     return torch.randn(heads, fan_in, fan_out) * (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _memory_options(
-    layer: str,
-    in_dim: int,
-    num_heads: int,
-    head_dim: int,
-    chunk_size: int,
-    memory: str,
-    mlp_expansion: int,
-    mlp_activation: str,
-    mlp_residual_norm: bool,
-    max_lr: float,
-    conv_size: int | None,
-    use_momentum: bool,
-    use_decay: bool,
-) -> _MemoryBranch:
-    return _MemoryBranch(
-        layer, in_dim, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-        mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
-    )  # fmt: skip
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, persistent: torch.Tensor) -> torch.Tensor:
     """Softmax attention with learned persistent K/V visible to every query.
 
@@ -394,7 +373,7 @@ class TitansLMM(TokenMixer):
         super().__init__()
         head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _memory_options(
+        self.memory = _MemoryBranch(
             "titans_lmm", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
             mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
         )  # fmt: skip
@@ -474,7 +453,7 @@ class TitansMAG(TokenMixer):
         super().__init__()
         head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _memory_options(
+        self.memory = _MemoryBranch(
             "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
             mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
         )  # fmt: skip
@@ -620,7 +599,7 @@ class TitansMAC(TokenMixer):
         head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         width = num_heads * head_dim
-        self.memory = _memory_options(
+        self.memory = _MemoryBranch(
             "titans_mac", width, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
             mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
         )  # fmt: skip
