@@ -45,20 +45,20 @@ def make(case: str, layer_idx: int = 1, **overrides):
 @pytest.mark.parametrize("case", NAMES)
 def test_decode_equals_parallel_and_state_size_matches_cache(case):
     layer = make(case).eval()
-    x = torch.randn(2, 11, HIDDEN)
+    x = torch.randn(2, 9, HIDDEN)
     with torch.no_grad():
         full = layer(x)
-        # Token by token from an empty cache, then an odd prefill (crossing the conv width) plus tokens.
+        # Token by token from an empty cache, then an odd prefill (longer than the conv tail) plus tokens.
         cache = layer.init_cache(2)
-        steps = torch.cat([layer(x[:, t : t + 1], cache=cache) for t in range(11)], 1)
+        steps = torch.cat([layer(x[:, t : t + 1], cache=cache) for t in range(9)], 1)
         cache2 = layer.init_cache(2)
-        pieces = [layer(x[:, :5], cache=cache2)] + [layer(x[:, t : t + 1], cache=cache2) for t in range(5, 11)]
+        pieces = [layer(x[:, :5], cache=cache2)] + [layer(x[:, t : t + 1], cache=cache2) for t in range(5, 9)]
     assert_rel_close(steps, full, 1e-4, "token-by-token")
     assert_rel_close(torch.cat(pieces, 1), full, 1e-4, "prefill + decode")
-    assert cache.seen_tokens == cache2.seen_tokens == 11
+    assert cache.seen_tokens == cache2.seen_tokens == 9
     assert cache.get("recurrent").dtype == torch.float32
     assert all(n == "recurrent" or n.startswith("conv_") for n in cache.tensors)
-    assert cache.nbytes() == cache2.nbytes() == layer.state_size(batch=2, seq_len=11) == 2 * layer.state_size()
+    assert cache.nbytes() == cache2.nbytes() == layer.state_size(batch=2, seq_len=9) == 2 * layer.state_size()
 
 
 @pytest.mark.parametrize("case", NAMES)
@@ -225,17 +225,17 @@ def test_hybrid_patterns_build_in_order_and_only_attention_caches_keys(config, e
     torch.manual_seed(0)
     model = LanguageModel(compose_model(config)).eval()
     assert [block.mixer.mixer_name for block in model.blocks] == expected
-    ids = torch.randint(0, 64, (2, 9))
+    ids = torch.randint(0, 64, (2, 7))
     cache = model.init_cache(2)
     with torch.no_grad():
         full = model(ids)
-        pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 9)]
+        pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 7)]
     assert_rel_close(torch.cat(pieces, 1), full, 1e-4)
     for name, layer_cache in zip(expected, cache.layers):
         has_kv = {"key", "value"} <= set(layer_cache.tensors)
         assert has_kv == (name == "attention")
         assert ("recurrent" in layer_cache.tensors) == (name != "attention")
-    assert cache.nbytes() == model.state_size(batch=2, seq_len=9)
+    assert cache.nbytes() == model.state_size(batch=2, seq_len=7)
     if config == "hybrid_hgrn2_6to1":
         bounds = [model.blocks[i].mixer.lower_bound() for i in range(1, 6)]
         assert all(torch.allclose(lb, torch.full_like(lb, i / 7), atol=1e-6) for i, lb in enumerate(bounds, 1))
