@@ -52,6 +52,7 @@ def pararnn(
     init_guess: str = "f0",
     tol: float | None = None,
     scan_backend: str = "auto",
+    check_residual: bool = False,
     output_final_state: bool = False,
     return_info: bool = False,
 ):
@@ -67,6 +68,7 @@ def pararnn(
         init_guess: ``"f0"`` (``f(0, u_t)`` for all ``t``) or ``"zeros"``.
         tol: stop once the max-norm residual is ``<= tol`` (a host sync per iteration); ``None`` never stops early.
         scan_backend: ``affine_scan`` backend for the linear steps (``"auto" | "torch" | "triton" | "reference"``).
+        check_residual: also evaluate the final iterate's residual into ``info.residuals`` (one more ``step``).
         output_final_state: also return the last state ``[batch, state_size]`` (for decoding after a prompt).
         return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate; parallel mode only,
             ``None`` in sequential mode).
@@ -100,7 +102,7 @@ def pararnn(
     if mode == "sequential":
         h = sequential_apply(cell, u, initial)
     else:
-        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend)
+        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual)
         info = NewtonInfo()
         h = parallel_apply(cell, u, initial, config, info)
     y = cell.output(h)

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from seqzoo.ops.pararnn import (
+    NewtonConfig,
     ParaGRU,
     ParaLSTM,
     RecurrentCell,
     autograd_jacobian,
     expand_jacobian,
     linear_solve,
+    newton_solve,
     pararnn,
 )
 from seqzoo.ops.utils import OpInputError
@@ -98,14 +100,10 @@ def test_newton_with_seq_iterations_is_sequential(cell_cls):
 @pytest.mark.parametrize("guess", ["f0", "zeros"])
 def test_first_k_plus_one_states_exact_after_k_iterations(cell_cls, guess):
     cell, x, h0 = make(cell_cls, seq=12, bound=None, scale=30.0)
-    ref = pararnn(cell, x, initial=h0, mode="sequential", output_final_state=True)[1]
+    # The full state (ParaLSTM's c too), step by step.
     state_ref = torch.stack([pararnn(cell, x[:, : t + 1], initial=h0, mode="sequential", output_final_state=True)[1] for t in range(12)], 1)
-    assert torch.allclose(state_ref[:, -1], ref)
     for k in range(0 if guess == "f0" else 1, 6):
         exact = k + 1 if guess == "f0" else k
-        _, _, info = pararnn(cell, x, initial=h0, max_iters=k, init_guess=guess, return_info=True)
-        from seqzoo.ops.pararnn import NewtonConfig, newton_solve
-
         h = newton_solve(cell, cell.prepare(x), h0, NewtonConfig(max_iters=k, init_guess=guess))
         err = (h - state_ref).abs().amax(dim=(0, 2))
         assert err[:exact].max() < 1e-13, (k, err)
@@ -159,21 +157,27 @@ def test_gradients_equal_backprop_through_loop(cell_cls):
         assert_rel_close(got, ref, 1e-10, "gradient")
 
 
+class _Runner(nn.Module):
+    def __init__(self, cell: RecurrentCell) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h0):
+        return pararnn(self.cell, x, initial=h0, max_iters=5)[0]
+
+
 @pytest.mark.parametrize("cell_cls", CELLS)
 def test_gradcheck_float64(cell_cls):
-    cell, x, h0 = make(cell_cls, input_size=2, hidden=2, batch=1, seq=5, bound=None, scale=5.0)
+    """gradcheck of the custom backward in x, the initial state and every recurrent parameter (seq 5, 5 iterations: exact)."""
+    cell, x, h0 = make(cell_cls, input_size=2, hidden=2, batch=1, seq=5, bound=0.9, scale=5.0)
+    runner = _Runner(cell)
+    names = [n for n, p in runner.named_parameters() if any(p is q for q in cell.recurrent_parameters())]
+    params = [dict(runner.named_parameters())[n].detach().clone().requires_grad_(True) for n in names]
 
-    def fn(x, h0, rec):
-        with torch.no_grad():
-            cell.recurrent.copy_(rec)
-        # Route the parameter through the op: gradcheck perturbs `rec`, the cell reads its own copy.
-        return pararnn(cell, x, initial=h0, max_iters=5)[0]
+    def fn(x, h0, *params):
+        return torch.func.functional_call(runner, dict(zip(names, params)), (x, h0))
 
-    # Parameters are covered by the sequential comparison; gradcheck the custom backward in x and h0.
-    x.requires_grad_(True)
-    h0.requires_grad_(True)
-    rec = cell.recurrent.detach().clone()
-    assert torch.autograd.gradcheck(lambda x, h0: fn(x, h0, rec), (x, h0))
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(True), h0.requires_grad_(True), *params))
 
 
 class AffineCell(RecurrentCell):
@@ -267,6 +271,8 @@ def test_damping_early_stop_and_info():
     damped, _, dinfo = pararnn(cell, x, initial=h0, max_iters=40, omega=0.7, return_info=True)
     assert dinfo.iterations == 40
     assert_rel_close(damped, ref, 1e-9)
+    _, _, cinfo = pararnn(cell, x, initial=h0, max_iters=3, check_residual=True, return_info=True)
+    assert len(cinfo.residuals) == 4 and cinfo.residuals[3] < cinfo.residuals[2] < cinfo.residuals[0]
     y_seq, final_seq, none_info = pararnn(cell, x, initial=h0, mode="sequential", output_final_state=True, return_info=True)
     assert none_info is None and torch.equal(final_seq[:, -cell.hidden_size :], y_seq[:, -1])
 
