@@ -14,6 +14,7 @@ from seqzoo.models.language_model import Block, LanguageModel, LanguageModelConf
 from seqzoo.models.linear_attention import LinearAttention
 from seqzoo.models.mamba2 import Mamba2
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
+from seqzoo.models.pararnn import ParaGRUMixer, ParaLSTMMixer
 from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class, mixer_names, register_mixer
 from seqzoo.models.retnet import MultiScaleRetention
 from seqzoo.models.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
@@ -34,6 +35,8 @@ __all__ = [
     "Mamba2",
     "ModelCache",
     "MultiScaleRetention",
+    "ParaGRUMixer",
+    "ParaLSTMMixer",
     "RMSNorm",
     "RotaryEmbedding",
     "ShortConvolution",
