@@ -4,11 +4,14 @@ gradients, cache size, option errors, configs train through ``train.run``."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from hydra import compose, initialize_config_dir
 
 import train
 from seqzoo.models import ConfigError, LanguageModel, build_mixer
 from seqzoo.models.titans import TitansMAC
+from seqzoo.ops import LinearMemoryState, neural_memory
 from tests.helpers import assert_rel_close
 from tests.test_training import TINY
 
@@ -204,3 +207,23 @@ def test_config_composes_and_trains_one_step(model, tmp_path):
     result = train.run(cfg, tmp_path)
     losses = [loss for _, loss in result["losses"]]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def test_lmm_wiring_matches_the_op_on_hand_built_features():
+    # Independent of the streaming code: projections, SiLU, L2 on q/k, θ = max_lr·σ, η = σ, α = σ in the
+    # order (head, gate), the op from the learned init, per-head gated RMSNorm and the output projection.
+    torch.manual_seed(5)
+    layer = build_mixer("titans_lmm", HIDDEN, 0, {"num_heads": 2, "chunk_size": 3, "conv_size": None, "max_lr": 0.7})
+    with torch.no_grad():
+        layer.memory.gate_proj.weight.normal_(std=0.5)
+    mem = layer.memory
+    x = torch.randn(2, 7, HIDDEN)
+    split = lambda t: rearrange(t, "b t (h d) -> b t h d", h=2)  # noqa: E731
+    l2 = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    q, k, v = l2(split(F.silu(mem.q_proj(x)))), l2(split(F.silu(mem.k_proj(x)))), split(F.silu(mem.v_proj(x)))
+    gates = torch.sigmoid(rearrange(mem.gate_proj(x), "b t (h g) -> b t h g", g=3))
+    w0 = mem.init_weights[0].expand(2, -1, -1, -1)
+    o, _ = neural_memory(q, k, v, 0.7 * gates[..., 0], gates[..., 1], gates[..., 2], chunk_size=3, initial_state=LinearMemoryState(w0, torch.zeros_like(w0)))
+    normed = o / o.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * layer.out_norm.weight
+    expected = layer.o_proj(rearrange(normed * torch.sigmoid(split(layer.g_proj(x))), "b t h d -> b t (h d)"))
+    assert_rel_close(layer(x), expected, 1e-5)
