@@ -213,11 +213,15 @@ def _tiles(chunk_size: int, key_dim: int, value_dim: int) -> tuple[int, int, int
     return bt, bk, bv
 
 
-def _kernel_dtype(dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
-    """(tensor dtype, accumulator, dot precision): fp64 stays fp64 (gradcheck); fp32 dots in IEEE fp32."""
+def _kernel_dtype(dtype: torch.dtype, input_dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
+    """(state dtype, accumulator, dot precision) for a state in ``dtype`` and inputs in ``input_dtype``.
+
+    fp64 stays fp64 (gradcheck). fp32 inputs get IEEE fp32 dots, so that they match the fp32 reference
+    to ~1e-6; half-precision inputs already carry more error than tf32 adds, and tf32 runs on tensor cores.
+    """
     if dtype == torch.float64:
         return torch.float64, tl.float64, "ieee"
-    return torch.float32, tl.float32, "ieee"
+    return torch.float32, tl.float32, "ieee" if input_dtype in (torch.float32, torch.float64) else "tf32"
 
 
 class _LinearTritonFunction(torch.autograd.Function):
@@ -228,7 +232,7 @@ class _LinearTritonFunction(torch.autograd.Function):
         batch, seq, heads, key_dim = q.shape
         value_dim = v.shape[-1]
         n_chunks = beta.shape[2]
-        state_dtype, acc, precision = _kernel_dtype(w0.dtype)
+        state_dtype, acc, precision = _kernel_dtype(w0.dtype, q.dtype)
         bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
         save = ctx.needs_input_grad is not None and any(ctx.needs_input_grad)
         y = q.new_empty(batch, seq, heads, value_dim, dtype=state_dtype)
@@ -254,7 +258,7 @@ class _LinearTritonFunction(torch.autograd.Function):
         batch, seq, heads, key_dim = q.shape
         value_dim = v.shape[-1]
         n_chunks = beta.shape[2]
-        state_dtype, acc, precision = _kernel_dtype(w_start.dtype)
+        state_dtype, acc, precision = _kernel_dtype(w_start.dtype, q.dtype)
         bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
         n_v = triton.cdiv(value_dim, bv)
         dy = torch.zeros_like(v, dtype=state_dtype) if dy is None else dy.to(state_dtype).contiguous()
@@ -487,7 +491,7 @@ def neural_memory_triton_mlp_forward(
     value_dim = v.shape[-1]
     hidden = state.w1.shape[-1]
     dtype = state.w1.dtype
-    tensor_dtype, acc, precision = _kernel_dtype(dtype)
+    tensor_dtype, acc, precision = _kernel_dtype(dtype, q.dtype)
     with torch.no_grad():
         coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
         if TRITON_INTERPRET and q.dtype == torch.bfloat16:
