@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--skip-reference-above", type=int, default=4096, help="ops: skip the token-loop reference beyond this length")
 
+    sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
+    sweep.add_argument("--models", nargs="+", required=True, help="model config names under configs/model/")
+    sweep.add_argument("--widths", nargs="+", type=int, help="hidden sizes to sweep (default: each config's)")
+    sweep.add_argument("--data", default="mqar_zoology", help="MQAR data config under configs/data/ (default: mqar_zoology)")
+    sweep.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    sweep.add_argument("--train-examples-scale", type=float, default=0.1, help="multiplies every training segment's example count")
+    sweep.add_argument("--max-seq-len", type=int, default=256, help="drop segments longer than this")
+    sweep.add_argument("--test-examples", type=int, help="examples per test segment (default: the config's)")
+    sweep.add_argument("--batch-size", type=int, help="training batch size (default: the config's)")
+    sweep.add_argument("--lr", type=float, help="learning rate (default: the config's)")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--override", nargs="+", default=[], help="extra Hydra overrides for every run, e.g. model.num_layers=2")
+    sweep.add_argument("--repo-root", default=".", help="the checkout holding train.py and configs/ (default: .)")
+    sweep.add_argument("--out", help="output folder (default: results/mqar-sweep)")
+    sweep.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
     for p in (ppl, mqar, bench):
         p.add_argument("--out", help="output folder (default: results/<command>)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -106,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from seqzoo.eval.quality import mqar_accuracy
 
             mqar_accuracy(args.checkpoint, out, args.segments, args.num_examples, args.batch_size, args.seed, device=args.device)
+        elif args.command == "mqar-sweep":
+            from seqzoo.eval.sweep import mqar_sweep
+
+            mqar_sweep(
+                args.models, out, widths=args.widths, data=args.data, steps=args.steps, train_examples_scale=args.train_examples_scale,
+                max_seq_len=args.max_seq_len, test_examples=args.test_examples, batch_size=args.batch_size, lr=args.lr,
+                overrides=args.override, repo_root=args.repo_root, device=args.device, seed=args.seed,
+            )
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops
 

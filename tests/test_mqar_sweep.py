@@ -1,0 +1,84 @@
+"""``seqzoo-eval mqar-sweep``: a tiny two-model sweep; JSON == printed table, state bytes == LanguageModel.state_size."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import train
+from seqzoo.eval.cli import main
+from seqzoo.eval.report import format_value
+from seqzoo.models import LanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny MQAR: the mqar config's segments replaced, then scaled by the sweep's own options.
+TINY = [
+    "data.vocab_size=64",
+    "data.train_segments=[{seq_len:16,num_kv_pairs:2,num_examples:32},{seq_len:64,num_kv_pairs:4,num_examples:32}]",
+    "data.test_segments=[{seq_len:16,num_kv_pairs:2,num_examples:8},{seq_len:32,num_kv_pairs:4,num_examples:8},{seq_len:64,num_kv_pairs:8,num_examples:8}]",
+    "data.eval_batch_size=8",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def parse_table(text):
+    """Rows of the first markdown table in ``text`` as dicts of strings."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_tiny_sweep_writes_rows_matching_the_table_and_state_bytes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "mqar-sweep", "--models", "attention", "pararnn_gru", "--widths", "16", "--data", "mqar", "--steps", "2",
+        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT),
+        "--out", str(out), "--device", "cpu", "--override", *TINY,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = parse_table(capsys.readouterr().out)
+    report = json.loads((out / "mqar_sweep.json").read_text())
+    rows = report["rows"]
+    assert [r["model"] for r in rows] == ["attention", "pararnn_gru"]
+    assert len(printed) == len(rows)
+    for shown, row in zip(printed, rows):
+        assert shown == {k: format_value(v) for k, v in row.items()}
+    assert (out / "mqar_sweep.md").read_text().count("\n| ") == 4 and (out / "mqar_sweep.png").stat().st_size > 0
+
+    # max_seq_len 32 dropped the 64-token segments; the training set was halved.
+    assert report["test_seq_len"] == 32
+    assert [s["seq_len"] for s in report["segments"]["test"]] == [16, 32]
+    assert [s["num_examples"] for s in report["segments"]["train"]] == [16]
+    for row in rows:
+        assert row["steps"] == 2 and row["train_examples"] == 16 and row["hidden_size"] == 16
+        assert {"acc/seq16_kv2", "acc/seq32_kv4"} <= set(row) and 0.0 <= row["accuracy"] <= 1.0
+        results = json.loads((out / "runs" / f"{row['model']}_d16" / "results.json").read_text())["test"]
+        assert row["accuracy"] == pytest.approx(results["test/acc"])
+        assert row["acc/seq32_kv4"] == pytest.approx(results["test/acc/seq32_kv4"])
+
+    # State bytes: the KV cache at the test length for attention, the constant recurrent state for ParaGRU.
+    for row in rows:
+        with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
+            cfg = compose("config", overrides=[f"model={row['model']}", "model.hidden_size=16", "data.vocab_size=64"])
+        model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))
+        assert row["state_bytes"] == model.state_size(batch=1, seq_len=32)
+        assert row["params"] == model.num_parameters()
+    attention = rows[0]["state_bytes"]
+    assert attention == 2 * 2 * 32 * 16 * 4  # layers · (K, V) · seq · width · fp32
+    assert rows[1]["state_bytes"] == 2 * (16 + 3 * 16) * 4  # layers · (h + conv tail) · fp32
+
+
+def test_bad_model_name_is_one_line(tmp_path, capsys):
+    assert main(["mqar-sweep", "--models", "attention", "nope", "--repo-root", str(ROOT), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model config(s) nope; known: " in err and "attention" in err
+    assert not (tmp_path / "mqar_sweep.json").exists()
+
+
+def test_missing_repo_root_is_one_line(tmp_path, capsys):
+    assert main(["mqar-sweep", "--models", "attention", "--repo-root", str(tmp_path), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no train.py with configs/model/ in" in err and "--repo-root" in err
