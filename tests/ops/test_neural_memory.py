@@ -451,6 +451,10 @@ def test_triton_no_grad_and_gradcheck():
         o_t, final_t = run(x, state, "torch", 8)
     assert_rel_close(o, o_t, 2e-6, "o")
     assert_rel_close(final.weight, final_t.weight, 2e-6, "W")
+    # bf16 inputs (computed in fp32 by the interpreter, which gets bf16 math wrong), fp32 state.
+    o_b, final_b = run({n: t.bfloat16() for n, t in x.items()}, state, "triton", 8)
+    assert o_b.dtype == torch.bfloat16 and final_b.weight.dtype == torch.float32
+    assert_rel_close(o_b, o_t, 3e-2, "bf16")
 
     x, state = make_inputs(batch=1, seq=6, heads=1, key_dim=3, value_dim=3, seed=31)
     names = list(x)
