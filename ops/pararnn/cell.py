@@ -17,6 +17,7 @@ Everything else (Newton solve, adjoint backward, sequential mode) comes from :mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -68,7 +69,9 @@ class RecurrentCell(nn.Module):
         return [p for p in self.parameters()]
 
 
-def autograd_jacobian(step, structure: str, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def autograd_jacobian(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], structure: str, h_prev: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     """Jacobian of ``step`` w.r.t. ``h_prev`` in ``structure``, with the fewest VJPs the structure allows.
 
     - diagonal: one VJP with a ones cotangent (column sums of a diagonal matrix are its diagonal);

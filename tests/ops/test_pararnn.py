@@ -242,11 +242,11 @@ def test_dense_elman_cell_trains_through_solver():
     torch.manual_seed(5)
     cell = ElmanCell(3, 6).double()
     head = nn.Linear(6, 1).double()
-    x = torch.randn(8, 32, 3, dtype=torch.float64)
+    x = torch.randn(6, 24, 3, dtype=torch.float64)
     target = torch.cumsum(x[..., :1], dim=1) / 4  # running sum: needs memory
     opt = torch.optim.Adam(list(cell.parameters()) + list(head.parameters()), lr=3e-2)
     losses = []
-    for _ in range(15):
+    for _ in range(12):
         y, _ = pararnn(cell, x, max_iters=4)
         loss = ((head(y) - target) ** 2).mean()
         opt.zero_grad()
