@@ -94,7 +94,47 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="output folder (default: results/mqar-sweep)")
     sweep.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
-    for p in (ppl, mqar, bench):
+    probe = sub.add_parser("probe", help="long-context probes: needle in a haystack, long MQAR, length extrapolation, decode cost")
+    probes = probe.add_subparsers(dest="probe", required=True)
+    niah = probes.add_parser("niah", help="S-NIAH (passkey, number, word) accuracy over depth x length, greedy decoding")
+    niah.add_argument("checkpoint")
+    niah.add_argument("--kinds", nargs="+", choices=["passkey", "number", "word"], help="default: the run's needle kind, else all")
+    niah.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: 1-8x the training length)")
+    niah.add_argument("--depths", nargs="+", type=float, help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
+    niah.add_argument("--samples", type=int, default=20, help="examples per cell")
+    niah.add_argument("--haystack", choices=["filler", "stdlib"])
+    niah.add_argument("--digits", type=int, help="digits of pass keys / magic numbers")
+    niah.add_argument("--seed", type=int, default=0)
+    niah.add_argument("--batch-size", type=int, default=8)
+    long_mqar = probes.add_parser("mqar", help="MQAR accuracy on test-only long segments")
+    long_mqar.add_argument("checkpoint")
+    long_mqar.add_argument("--segments", nargs="+", type=_segment, help="SEQ_LEN:NUM_KV_PAIRS (default 512:128 1024:256 2048:512 4096:1024)")
+    long_mqar.add_argument("--num-examples", type=int, default=100)
+    long_mqar.add_argument("--batch-size", type=int, default=8)
+    long_mqar.add_argument("--seed", type=int, default=0)
+    length = probes.add_parser("length", help="per-position loss up to N x the training length and recurrent state norms")
+    length.add_argument("checkpoint")
+    length.add_argument("--train-length", type=int, help="default: the run's block size / sequence length")
+    length.add_argument("--factor", type=int, default=8)
+    length.add_argument("--num-sequences", type=int, default=4)
+    length.add_argument("--piece", type=int, help="prefill piece in tokens (state-norm resolution)")
+    length.add_argument("--split", default="test", choices=["train", "val", "test"])
+    length.add_argument("--max-documents", type=int)
+    length.add_argument("--batch-size", type=int, default=4)
+    decode = probes.add_parser("decode", help="per-token decode latency and cache bytes against prompt length")
+    decode.add_argument("--checkpoints", nargs="+", default=[])
+    decode.add_argument("--mixers", nargs="+", default=[], help="registered mixers, fresh models")
+    decode.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    decode.add_argument("--decode-tokens", type=int, default=16)
+    decode.add_argument("--hidden", type=int, default=128)
+    decode.add_argument("--layers", type=int, default=2)
+    decode.add_argument("--vocab", type=int, default=256)
+    decode.add_argument("--options", type=_json_dict, default={}, help="mixer options as JSON")
+    decode.add_argument("--prefill-chunk", type=int, default=2048)
+    decode.add_argument("--batch", type=int, default=1)
+    decode.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    for p in (ppl, mqar, bench, niah, long_mqar, length, decode):
         p.add_argument("--out", help="output folder (default: results/<command>)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     return parser
@@ -130,6 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_seq_len=args.max_seq_len, test_examples=args.test_examples, batch_size=args.batch_size, lr=args.lr,
                 overrides=args.override, repo_root=args.repo_root, device=args.device, seed=args.seed,
             )
+        elif args.command == "probe":
+            from seqzoo.eval import probes as pr
+
+            if args.probe == "niah":
+                pr.niah_probe(args.checkpoint, out, args.kinds, args.lengths, args.depths, args.samples, args.seed, args.haystack, args.digits, args.batch_size, args.device)
+            elif args.probe == "mqar":
+                pr.mqar_long_probe(args.checkpoint, out, args.segments, args.num_examples, args.batch_size, args.seed, args.device)
+            elif args.probe == "length":
+                pr.length_probe(args.checkpoint, out, args.train_length, args.factor, args.num_sequences, args.piece, args.split, args.max_documents, args.batch_size, args.device)
+            else:
+                pr.decode_probe(out, args.checkpoints, args.mixers, args.contexts, args.decode_tokens, args.hidden, args.layers, args.vocab, args.options, args.prefill_chunk, args.batch, args.device, args.dtype)
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops
 
