@@ -34,23 +34,26 @@ def stress(layer):
     return layer
 
 
-def decode(layer, x, prefill):
+def decode(layer, x, prefill, chunk=0):
+    """Prefill ``prefill`` tokens, then one ``chunk`` of tokens (a Newton solve from the cached state), then one at a time."""
     cache = LayerCache(x.shape[0])
     outs = [layer(x[:, :prefill], cache)] if prefill else []
-    for t in range(prefill, x.shape[1]):
+    if chunk:
+        outs.append(layer(x[:, prefill : prefill + chunk], cache))
+    for t in range(prefill + chunk, x.shape[1]):
         outs.append(layer(x[:, t : t + 1], cache))
     return torch.cat(outs, dim=1), cache
 
 
 @pytest.mark.parametrize("name", MIXERS)
-@pytest.mark.parametrize("prefill", [0, 5])
-def test_decode_equals_parallel_forward(name, prefill):
+@pytest.mark.parametrize("prefill, chunk", [(0, 0), (5, 0), (5, 3)])
+def test_decode_equals_parallel_forward(name, prefill, chunk):
     layer = make(name)
     x = torch.randn(BATCH, SEQ, HIDDEN)
     with torch.no_grad():
         full = layer(x)
-        stepped, cache = decode(layer, x, prefill)
-    assert_rel_close(stepped, full, 1e-4, f"{name} decode after prefill {prefill}")
+        stepped, cache = decode(layer, x, prefill, chunk)
+    assert_rel_close(stepped, full, 1e-4, f"{name} decode after prefill {prefill}, chunk {chunk}")
     assert cache.seen_tokens == SEQ
 
 
