@@ -206,8 +206,9 @@ def sequential_apply(cell: RecurrentCell, u: torch.Tensor, initial: torch.Tensor
     """
     h = u.new_zeros(u.shape[0], 1, cell.state_size) if initial is None else initial.unsqueeze(1).to(u.dtype)
     out = []
-    for t in range(u.shape[1]):
-        h = cell.step(h, u[:, t : t + 1])
+    # unbind, not u[:, t]: each slice's backward would materialise a full-size zero gradient (O(T²)).
+    for u_t in u.unbind(1):
+        h = cell.step(h, u_t.unsqueeze(1))
         out.append(h)
     return torch.cat(out, dim=1)
 
