@@ -14,7 +14,10 @@ forms ``dA = scale·dO vᵀ`` (gated for scalar gates), then ``dv`` and ``dq, dk
 ``dg = reverse_cumsum(q ⊙ dq − k ⊙ dk)`` per sequence, plus ``Σ_v ht ⊙ dht`` on every token of a
 sequence with a final-state cotangent: the gate only moves ``q`` and ``k`` against each other (and
 scales the final state), so this identity needs no per-chunk gate terms. It runs as two elementwise
-torch ops and a cumsum, memory-bound and cheap next to the kernels.
+torch ops and a cumsum, memory-bound and cheap next to the kernels. Its error is absolute, about
+``eps·Σ|q ⊙ dq|``: where the true gate gradient is itself tiny (every gate near −30) it is only
+correct to that absolute level, which the torch path (autograd with exact-zero diagonal exponents)
+does better.
 
 Accumulation is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses). The interpreter cannot do
 bf16 math, so the wrapper runs bf16 inputs in fp32 when interpreting. Dots run in the accumulator
