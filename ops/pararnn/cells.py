@@ -98,11 +98,28 @@ class ParaGRU(MultiHeadGatedCell):
 
     def step_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``f`` and the diagonal ``∂f/∂h_prev [B, T, N]`` sharing one gate evaluation."""
+        if not torch.is_grad_enabled():
+            return self._step_and_jacobian_inplace(h_prev, u)
         a, z, r, n = self._gates(h_prev, u)
         diff = n - h_prev
         dn = (1 - n * n) * a[2] * (r + h_prev * a[1] * r * (1 - r))
         jac = (1 - z) + diff * a[0] * z * (1 - z) + z * dn
         return h_prev + z * diff, jac
+
+    def _step_and_jacobian_inplace(self, h: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same math as above with fused/in-place ops: on CPU every fresh full-size buffer costs page faults,
+        # and this runs max_iters times per forward on [B, T, N] tensors (only without autograd).
+        a = bounded(self.recurrent, self.recurrent_bound).to(h.dtype)
+        z = torch.addcmul(u[..., 0, :], a[0], h).sigmoid_()
+        r = torch.addcmul(u[..., 1, :], a[1], h).sigmoid_()
+        n = torch.addcmul(u[..., 2, :], a[2], r * h).tanh_()
+        diff = n.sub(h)
+        f = torch.addcmul(h, z, diff)
+        dr = torch.sub(1, r).mul_(r).mul_(h).mul_(a[1]).add_(r)  # r + h·a_r·σ'_r
+        dn = torch.mul(n, n).neg_().add_(1).mul_(a[2]).mul_(dr).mul_(z)  # z·a_h·tanh'·(…)
+        jac = torch.sub(1, z).mul_(z).mul_(diff).mul_(a[0]).add_(dn)  # (n−h)·a_z·σ'_z + …
+        jac.sub_(z).add_(1)  # + (1 − z)
+        return f, jac
 
     def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.step_and_jacobian(h_prev, u)[1]
