@@ -78,6 +78,8 @@ def run_delta_rule(
         return chunk_gated_delta_rule(*args)
     from seqzoo.ops.gated_delta_rule import triton as triton_impl
 
+    if key_dim > triton_impl.MAX_KEY_DIM:
+        fail(op, f"backend='triton' supports key_dim <= {triton_impl.MAX_KEY_DIM}, got {key_dim}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state)
     )

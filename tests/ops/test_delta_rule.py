@@ -441,6 +441,13 @@ def test_packed_state_shape_error():
         gated_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0, 3, 10]), initial_state=torch.zeros(1, 2, 8, 4))
 
 
+@pytest.mark.triton
+def test_triton_key_dim_limit_error():
+    x = make_inputs(1, 4, 1, 257, 4, dtype=torch.float32)
+    with pytest.raises(OpInputError, match="key_dim <= 256"):
+        gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend="triton")
+
+
 def test_delta_rule_errors():
     q, k, v, beta, _ = _good()
     with pytest.raises(OpInputError, match="^delta_rule: beta has shape"):
