@@ -126,8 +126,8 @@ def default_scale(scale: float | None, key_dim: int) -> float:
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L2-normalise the last dimension, computed in fp32 and returned in ``x.dtype``. Shape preserved."""
-    xf = x.float()
+    """L2-normalise the last dimension, in fp32 for half-precision inputs (float64 stays float64); shape and dtype kept."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
