@@ -4,6 +4,7 @@
     seqzoo-eval mqar outputs/run/checkpoints/last.ckpt --segments 64:4 256:16
     seqzoo-eval bench models --mixers attention --seq-lens 1024 4096
     seqzoo-eval bench ops --seq-lens 256 1024
+    seqzoo-eval bench titans --dims 64 128 256 --chunks 16 64
 
 Every command prints a markdown table and writes JSON, markdown and (where a curve fits) PNG
 into ``--out`` (default ``results/<command>``).
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     mqar.add_argument("--seed", type=int, help="data seed (default: the run's test seed)")
 
     bench = sub.add_parser("bench", help="throughput and memory, side by side with the baseline")
-    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops"])
+    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops", "titans"], help="titans: titans_lmm vs titans-pytorch's NeuralMemory")
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
     bench.add_argument("--ops", nargs="+", help="op names (ops; default all)")
     bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 4096])
@@ -70,13 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=128)
     bench.add_argument("--layers", type=int, default=2)
     bench.add_argument("--vocab", type=int, default=256)
-    bench.add_argument("--heads", type=int, default=4, help="ops: heads")
+    bench.add_argument("--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2)")
     bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--skip-reference-above", type=int, default=4096, help="ops: skip the token-loop reference beyond this length")
+    bench.add_argument("--dims", nargs="+", type=int, default=[64, 128, 256], help="titans: model widths")
+    bench.add_argument("--chunks", nargs="+", type=int, default=[16, 64], help="titans: memory chunk sizes")
+    bench.add_argument("--memory", nargs="+", default=["linear"], choices=["linear", "mlp"], help="titans: memory networks")
+    bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
 
     sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
     sweep.add_argument("--models", nargs="+", required=True, help="model config names under configs/model/")
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-seq-len", type=int, default=256, help="drop segments longer than this")
     sweep.add_argument("--test-examples", type=int, help="examples per test segment (default: the config's)")
     sweep.add_argument("--batch-size", type=int, help="training batch size (default: the config's)")
-    sweep.add_argument("--lr", type=float, help="learning rate (default: the config's)")
+    sweep.add_argument("--lr", nargs="+", type=float, help="learning rate(s); with several, each model keeps its best run, as Zoology's max over learning rates (default: the config's)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--override", nargs="+", default=[], help="extra Hydra overrides for every run, e.g. model.num_layers=2")
     sweep.add_argument("--repo-root", default=".", help="the checkout holding train.py and configs/ (default: .)")
@@ -167,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             mqar_sweep(
                 args.models, out, widths=args.widths, data=args.data, steps=args.steps, train_examples_scale=args.train_examples_scale,
-                max_seq_len=args.max_seq_len, test_examples=args.test_examples, batch_size=args.batch_size, lr=args.lr,
+                max_seq_len=args.max_seq_len, test_examples=args.test_examples, batch_size=args.batch_size, lrs=args.lr,
                 overrides=args.override, repo_root=args.repo_root, device=args.device, seed=args.seed,
             )
         elif args.command == "probe":
@@ -184,7 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops
 
-            bench_ops(out, args.ops, args.seq_lens, args.batch, args.heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
+            heads = 4 if args.heads is None else args.heads
+            bench_ops(out, args.ops, args.seq_lens, args.batch, heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
+        elif args.kind == "titans":
+            from seqzoo.eval.bench_titans import bench_titans
+
+            heads = 2 if args.heads is None else args.heads
+            bench_titans(out, args.dims, args.chunks, args.seq_lens, args.batch, heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats)
         else:
             from seqzoo.eval.bench import bench_mixers
 

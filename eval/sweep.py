@@ -80,7 +80,7 @@ def mqar_sweep(
     max_seq_len: int | None = 256,
     test_examples: int | None = None,
     batch_size: int | None = None,
-    lr: float | None = None,
+    lrs: Sequence[float] | None = None,
     overrides: Sequence[str] = (),
     repo_root: str | Path = ".",
     device: str = "cpu",
@@ -98,7 +98,8 @@ def mqar_sweep(
         max_seq_len: drop train and test segments longer than this (``None`` keeps all).
         test_examples: examples per test segment (default: the config's).
         batch_size: training batch size (default: the config's).
-        lr: AdamW learning rate (default: the config's).
+        lrs: AdamW learning rates to try per model and width; the row keeps the best test accuracy, as
+            Zoology reports the max over its learning rates (default: the config's one rate).
         overrides: extra Hydra overrides applied to every run (``model.num_layers=2`` …), before the scaling.
         repo_root: the checkout holding ``train.py`` and ``configs/``.
         device: ``"cpu"`` or ``"cuda"`` (the Lightning accelerator).
@@ -106,7 +107,8 @@ def mqar_sweep(
 
     Returns the rows written to ``mqar_sweep.json``: ``model``, ``hidden_size``, ``params``, ``state_bytes``
     (at ``test_seq_len``), ``accuracy`` (pooled over the test mixture, Zoology's ``valid/accuracy``),
-    ``acc/<segment>``, ``steps``, ``train_examples``, ``wall_s``.
+    ``acc/<segment>``, ``lr`` (the best one), ``steps``, ``train_examples``, ``wall_s`` (summed over the
+    learning rates tried). The JSON also keeps every run in ``runs`` (one entry per learning rate).
     """
     if not models:
         raise ValueError(f"{_CMD}: name at least one model config")
@@ -114,6 +116,8 @@ def mqar_sweep(
         raise ValueError(f"{_CMD}: --steps must be >= 1, got {steps}")
     if not train_examples_scale > 0:
         raise ValueError(f"{_CMD}: --train-examples-scale must be > 0, got {train_examples_scale}")
+    if lrs is not None and (not lrs or any(not lr > 0 for lr in lrs)):
+        raise ValueError(f"{_CMD}: learning rates must be > 0, got {list(lrs)}")
     if widths is not None and any(w < 1 for w in widths):
         raise ValueError(f"{_CMD}: widths must be positive, got {list(widths)}")
     train = load_train_module(repo_root)
@@ -135,65 +139,74 @@ def mqar_sweep(
 
     out_dir = Path(out_dir)
     rows: list[dict[str, Any]] = []
+    all_runs: list[dict[str, Any]] = []
     segments_used: dict[str, Any] = {}
     for name in models:
         for width in widths or [None]:
-            run_overrides = [
-                f"model={name}",
-                f"data={data}",
-                f"seed={seed}",
-                f"trainer.max_steps={steps}",
-                "trainer.enable_progress_bar=false",
-                "trainer.limit_val_batches=0",
-                f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
-                f"checkpoint_every_n_steps={steps}",
-                "test_after_fit=true",
-                *overrides,
-            ]
-            if width is not None:
-                run_overrides.append(f"model.hidden_size={width}")
-            if batch_size is not None:
-                run_overrides.append(f"data.batch_size={batch_size}")
-            if lr is not None:
-                run_overrides.append(f"optim.lr={lr}")
-            try:
-                with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-                    cfg = compose("config", overrides=run_overrides)
-            except ConfigCompositionException as exc:
-                raise ConfigError(f"{_CMD}: {str(exc).splitlines()[0]}") from None
-            if "test_segments" not in cfg.data:
-                raise ValueError(f"{_CMD}: data config {data!r} is not an MQAR config (no test_segments)")
-            train_segments = _scaled(cfg.data.train_segments, train_examples_scale, max_seq_len, None)
-            test_segments = _scaled(cfg.data.test_segments, None, max_seq_len, test_examples)
-            if not train_segments or not test_segments:
-                raise ValueError(f"{_CMD}: no train or test segment is at most --max-seq-len {max_seq_len} long")
-            cfg.data.train_segments = train_segments
-            cfg.data.test_segments = test_segments
-            segments_used = {"train": train_segments, "test": test_segments}
-            test_len = max(s["seq_len"] for s in test_segments)
+            tried: list[dict[str, Any]] = []
+            for lr in lrs or [None]:
+                run_overrides = [
+                    f"model={name}",
+                    f"data={data}",
+                    f"seed={seed}",
+                    f"trainer.max_steps={steps}",
+                    "trainer.enable_progress_bar=false",
+                    "trainer.limit_val_batches=0",
+                    f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
+                    f"checkpoint_every_n_steps={steps}",
+                    "test_after_fit=true",
+                    *overrides,
+                ]
+                if width is not None:
+                    run_overrides.append(f"model.hidden_size={width}")
+                if batch_size is not None:
+                    run_overrides.append(f"data.batch_size={batch_size}")
+                if lr is not None:
+                    run_overrides.append(f"optim.lr={lr}")
+                try:
+                    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+                        cfg = compose("config", overrides=run_overrides)
+                except ConfigCompositionException as exc:
+                    raise ConfigError(f"{_CMD}: {str(exc).splitlines()[0]}") from None
+                if "test_segments" not in cfg.data:
+                    raise ValueError(f"{_CMD}: data config {data!r} is not an MQAR config (no test_segments)")
+                train_segments = _scaled(cfg.data.train_segments, train_examples_scale, max_seq_len, None)
+                test_segments = _scaled(cfg.data.test_segments, None, max_seq_len, test_examples)
+                if not train_segments or not test_segments:
+                    raise ValueError(f"{_CMD}: no train or test segment is at most --max-seq-len {max_seq_len} long")
+                cfg.data.train_segments = train_segments
+                cfg.data.test_segments = test_segments
+                segments_used = {"train": train_segments, "test": test_segments}
+                test_len = max(s["seq_len"] for s in test_segments)
 
-            label = name if width is None else f"{name}_d{width}"
-            start = time.perf_counter()
-            result = train.run(cfg, out_dir / "runs" / label)
-            wall = time.perf_counter() - start
+                label = name if width is None else f"{name}_d{width}"
+                if lrs is not None and len(lrs) > 1:
+                    label += f"_lr{lr:g}"
+                start = time.perf_counter()
+                result = train.run(cfg, out_dir / "runs" / label)
+                wall = time.perf_counter() - start
 
-            model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))
-            test = result.get("test", {})
-            row: dict[str, Any] = {
-                "model": name,
-                "hidden_size": int(cfg.model.hidden_size),
-                "params": model.num_parameters(),
-                "state_bytes": int(model.state_size(batch=1, seq_len=test_len)),
-                "accuracy": float(test.get("test/acc", float("nan"))),
-            }
-            for seg in test_segments:
-                key = f"test/acc/{_segment_name(seg)}"
-                row[f"acc/{_segment_name(seg)}"] = float(test[key] if key in test else test.get("test/acc", float("nan")))
-            row.update({"steps": steps, "train_examples": sum(s["num_examples"] for s in train_segments), "wall_s": round(wall, 2)})
-            rows.append(row)
+                model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))
+                test = result.get("test", {})
+                row: dict[str, Any] = {
+                    "model": name,
+                    "hidden_size": int(cfg.model.hidden_size),
+                    "params": model.num_parameters(),
+                    "state_bytes": int(model.state_size(batch=1, seq_len=test_len)),
+                    "accuracy": float(test.get("test/acc", float("nan"))),
+                }
+                for seg in test_segments:
+                    key = f"test/acc/{_segment_name(seg)}"
+                    row[f"acc/{_segment_name(seg)}"] = float(test[key] if key in test else test.get("test/acc", float("nan")))
+                row.update({"lr": float(cfg.optim.lr), "steps": steps, "train_examples": sum(s["num_examples"] for s in train_segments), "wall_s": round(wall, 2)})
+                tried.append(row)
+            all_runs.extend(tried)
+            # A diverged run has NaN accuracy; it never wins.
+            best = max(tried, key=lambda r: -1.0 if math.isnan(r["accuracy"]) else r["accuracy"])
+            rows.append({**best, "wall_s": round(sum(r["wall_s"] for r in tried), 2)})
 
     seg_columns = [f"acc/{_segment_name(s)}" for s in segments_used["test"]]
-    columns = ["model", "hidden_size", "params", "state_bytes", "accuracy", *seg_columns, "steps", "train_examples", "wall_s"]
+    columns = ["model", "hidden_size", "params", "state_bytes", "accuracy", *seg_columns, "lr", "steps", "train_examples", "wall_s"]
     payload = {
         "data": data,
         "steps": steps,
@@ -204,6 +217,8 @@ def mqar_sweep(
         "overrides": list(overrides),
         "device": device,
         "seed": seed,
+        "lrs": None if lrs is None else [float(lr) for lr in lrs],
+        "runs": all_runs,
     }
 
     def plot(ax):

@@ -82,3 +82,30 @@ def test_missing_repo_root_is_one_line(tmp_path, capsys):
     assert main(["mqar-sweep", "--models", "attention", "--repo-root", str(tmp_path), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no train.py with configs/model/ in" in err and "--repo-root" in err
+
+
+def test_several_learning_rates_keep_the_best_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "mqar-sweep", "--models", "attention", "--widths", "16", "--data", "mqar", "--steps", "3", "--lr", "1e-4", "3e-2", "--train-examples-scale", "0.5",
+        "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT), "--out", str(out), "--device", "cpu",
+        "--override", *TINY,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "mqar_sweep.json").read_text())
+    runs, (row,) = report["runs"], report["rows"]
+    assert report["lrs"] == [1e-4, 3e-2] and [r["lr"] for r in runs] == [1e-4, 3e-2]
+    # Each run's accuracy is the one its own training folder recorded; the row is the better of the two.
+    for run in runs:
+        results = json.loads((out / "runs" / f"attention_d16_lr{run['lr']:g}" / "results.json").read_text())["test"]
+        assert run["accuracy"] == pytest.approx(results["test/acc"])
+    best = max(runs, key=lambda r: r["accuracy"])
+    assert row["lr"] == best["lr"] and row["accuracy"] == best["accuracy"]
+    assert row["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs), abs=0.02)
+    assert parse_table(capsys.readouterr().out)[0]["lr"] == format_value(best["lr"])
+
+
+def test_non_positive_learning_rate_is_one_line(tmp_path, capsys):
+    assert main(["mqar-sweep", "--models", "attention", "--lr", "0", "--repo-root", str(ROOT), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "learning rates must be > 0" in err
