@@ -1,0 +1,257 @@
+"""``seqzoo-eval bench titans``: our ``titans_lmm`` mixer against lucidrains' ``titans_pytorch.NeuralMemory``.
+
+For every (memory, dim, chunk, seq) of the grid, both layers run forward+backward on the same random
+input ``[batch, seq, dim]`` in one process, their timings interleaved repeat by repeat (so a busy
+machine slows both alike); each row puts our figures beside one peer configuration:
+
+* ``speedup`` = our fwd+bwd tokens/s ÷ the peer's (> 1: ours is faster);
+* ``mem_ratio`` = our peak fwd+bwd tensor memory ÷ the peer's (< 1: ours needs less);
+* ``targets_met``: ``speedup >= 3`` and ``mem_ratio <= 0.5`` (the Titans issue's targets, stated for chunk 16).
+
+The peer is built as close to ours as its API allows: the same ``dim``, ``heads``, ``dim_head = dim //
+heads`` and ``chunk_size``; the same memory network (``linear``: ``MemoryMLP(dim_head, depth=1)``, one
+``dim_head × dim_head`` matrix per head, without its LayerNorm-residual wrapper; ``mlp``: its default
+2-layer GELU MLP with expansion 4 inside ``x + LN(MLP(x))``, like ours); learned per-head initial
+weights; momentum (order 1) and decay on; ``θ = sigmoid(·) · 1.0``; SiLU on q/k/v (``activation``); no
+RMSNorm of the input inside the layer (``pre_rmsnorm=False``: our mixer has none, the block norms);
+per-head output RMSNorm (``post_rmsnorm=True``); q/k RMSNorm (``qk_rmsnorm=True``, its nearest option
+to our L2 norm).
+
+What cannot be matched (spec titans.md §2.7, §3.3):
+
+* Retrieval: ours is per token, after the update that includes the token itself (dual form inside each
+  chunk); the peer's is chunk-granular: token ``t`` reads the weights after ``⌊(t+1)/chunk⌋`` complete
+  chunks, one weight set materialised per chunk.
+* Gates: ours are per token (θ, η, α); the peer has per-token θ but one η and α per chunk, from the
+  chunk's mean-pooled input.
+* Gradient base: ours takes every gradient of a chunk at that chunk's start weights. The peer's
+  ``batch_size=chunk`` does the same (``peer = "batch_size=chunk"``), with a Python loop over chunks;
+  its default ``batch_size=None`` (``peer = "batch_size=None"``) takes every gradient at the *initial*
+  weights, which parallelises over all chunks at once but is a different (weaker) learning rule.
+* Ours has depthwise short convs (4 taps) on q/k/v and a per-channel output gate ``σ(x W_g)``; the peer
+  has no convs, a per-head scalar output gate and (``heads > 1``) a head-combining projection.
+* Loss scale (ours ½·sum over the head dim, the peer's mean) and the MLP memory's LayerNorm (ours gain
+  and bias, the peer's gain only) differ only in constants.
+
+Peak memory is the tensor memory allocated during one forward+backward above what was live before
+(:func:`seqzoo.eval.measure.peak_memory`; on CPU replayed from the profiler's allocation records).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqzoo.eval.measure import peak_memory, time_call
+from seqzoo.eval.report import write_report
+from seqzoo.models import build_mixer
+
+MEMORIES = ("linear", "mlp")
+PEER_BATCH_SIZES = ("chunk", "none")
+TARGET_SPEEDUP, TARGET_MEM_RATIO = 3.0, 0.5
+
+NOTES = """\
+Peer: `titans_pytorch.NeuralMemory(dim, chunk_size=chunk, heads=heads, dim_head=dim // heads, activation=SiLU, \
+qk_rmsnorm=True, pre_rmsnorm=False, post_rmsnorm=True)`; linear memory = `model=MemoryMLP(dim_head, depth=1), \
+mem_model_norm_add_residual=False`, mlp memory = its default (2-layer GELU MLP ×4 in `x + LN(MLP(x))`). \
+`peer` names its `batch_size`: `chunk` takes gradients at each chunk's start weights like ours; `None` (its default) \
+at the initial weights. Not matchable: the peer retrieves at chunk granularity (ours per token, after the update), \
+pools η and α per chunk (ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head \
+scalar output gate (ours per channel). `speedup` = ours/peer fwd+bwd tokens/s, `mem_ratio` = ours/peer peak memory; \
+targets: speedup ≥ 3 and mem_ratio ≤ 0.5 at chunk 16.
+"""
+
+
+class PeerUnavailableError(ValueError):
+    """``titans_pytorch`` cannot be imported: the comparison is refused rather than run without the peer."""
+
+
+def _import_peer():
+    """``(NeuralMemory, MemoryMLP)`` from ``titans_pytorch`` (the ``bench`` extra); tests replace this."""
+    from titans_pytorch import NeuralMemory
+    from titans_pytorch.memory_models import MemoryMLP
+
+    return NeuralMemory, MemoryMLP
+
+
+def load_peer():
+    """The peer classes, or :class:`PeerUnavailableError` with a one-line reason."""
+    try:
+        return _import_peer()
+    except Exception as exc:  # not installed, a missing dependency, an incompatible version
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise PeerUnavailableError(f"bench titans needs titans-pytorch (pip install 'seqzoo[bench]'), which cannot be imported ({reason})") from None
+
+
+def build_ours(dim: int, heads: int, chunk: int, memory: str) -> nn.Module:
+    """Our ``titans_lmm`` mixer at width ``dim`` with ``heads`` heads of ``dim // heads``."""
+    return build_mixer("titans_lmm", dim, 0, {"num_heads": heads, "chunk_size": chunk, "memory": memory})
+
+
+def build_peer(peer_classes, dim: int, heads: int, chunk: int, memory: str, batch_size: str) -> nn.Module:
+    """``NeuralMemory`` configured as close to :func:`build_ours` as its API allows (module docstring)."""
+    neural_memory, memory_mlp = peer_classes
+    dim_head = dim // heads
+    kwargs: dict[str, Any] = {}
+    if memory == "linear":
+        kwargs.update(model=memory_mlp(dim_head, depth=1), mem_model_norm_add_residual=False)
+    else:
+        kwargs.update(default_model_kwargs={"depth": 2, "expansion_factor": 4.0}, mem_model_norm_add_residual=True)
+    return neural_memory(
+        dim=dim, chunk_size=chunk, batch_size=chunk if batch_size == "chunk" else None, heads=heads, dim_head=dim_head,
+        activation=nn.SiLU(), qk_rmsnorm=True, pre_rmsnorm=False, post_rmsnorm=True, momentum=True,
+        default_step_transform_max_lr=1.0, per_head_learned_parameters=True, **kwargs,
+    )  # fmt: skip
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor, peer: bool) -> Callable[[], None]:
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        if peer:
+            out = out[0]  # (retrieved, NeuralMemState)
+        out.float().square().mean().backward()
+
+    return run
+
+
+def _check_grid(dims: Sequence[int], chunks: Sequence[int], seq_lens: Sequence[int], heads: int, memories: Sequence[str], peer_batch_sizes: Sequence[str]) -> None:
+    if heads < 1:
+        raise ValueError(f"bench titans: heads must be >= 1, got {heads}")
+    bad_dims = [d for d in dims if d < heads or d % heads]
+    if bad_dims:
+        raise ValueError(f"bench titans: every dim must be a multiple of heads ({heads}), got {bad_dims}")
+    bad = [(c, s) for c in chunks for s in seq_lens if c < 1 or s < c or s % c]
+    if bad:
+        raise ValueError(f"bench titans: every seq_len must be a positive multiple of every chunk, got (chunk, seq) {bad}")
+    for name, values, allowed in (("memory", memories, MEMORIES), ("peer batch size", peer_batch_sizes, PEER_BATCH_SIZES)):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown or not values:
+            raise ValueError(f"bench titans: {name} must be among {', '.join(allowed)}, got {list(values)}")
+
+
+def bench_titans(
+    out_dir: str | Path,
+    dims: Sequence[int] = (64, 128, 256),
+    chunks: Sequence[int] = (16, 64),
+    seq_lens: Sequence[int] = (1024, 4096),
+    batch: int = 1,
+    heads: int = 2,
+    memories: Sequence[str] = ("linear",),
+    peer_batch_sizes: Sequence[str] = PEER_BATCH_SIZES,
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Fwd+bwd tokens/s and peak memory of ``titans_lmm`` and ``NeuralMemory`` side by side, with ratios.
+
+    Writes ``bench_titans.json`` (settings, notes, summary, rows), ``bench_titans.md`` and
+    ``bench_titans.png`` (speed-up against memory ratio, the target region shaded). Raises
+    :class:`PeerUnavailableError` before measuring anything if ``titans_pytorch`` cannot be imported.
+    """
+    _check_grid(dims, chunks, seq_lens, heads, memories, peer_batch_sizes)
+    peer_classes = load_peer()
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    rows: list[dict[str, Any]] = []
+    for memory in memories:
+        for dim in dims:
+            for chunk in chunks:
+                for seq in seq_lens:
+                    torch.manual_seed(0)
+                    x = torch.randn(batch, seq, dim, device=dev, dtype=dt)
+                    impls = {"ours": build_ours(dim, heads, chunk, memory)}
+                    for bs in peer_batch_sizes:
+                        impls[f"batch_size={'chunk' if bs == 'chunk' else 'None'}"] = build_peer(peer_classes, dim, heads, chunk, memory, bs)
+                    runs = {name: _forward_backward(m.to(device=dev, dtype=dt), x, name != "ours") for name, m in impls.items()}
+                    for run in runs.values():  # warm-up
+                        run()
+                    times: dict[str, list[float]] = {name: [] for name in runs}
+                    for _ in range(repeats):  # interleaved: load on a shared machine hits every impl alike
+                        for name, run in runs.items():
+                            times[name].append(time_call(run, dev, warmup=0, repeats=1))
+                    tok_s = {name: batch * seq / statistics.median(t) for name, t in times.items()}
+                    peak_mb = {name: peak_memory(run, dev) / 2**20 for name, run in runs.items()}
+                    for name in runs:
+                        if name == "ours":
+                            continue
+                        speedup, mem_ratio = tok_s["ours"] / tok_s[name], peak_mb["ours"] / peak_mb[name]
+                        rows.append(
+                            {
+                                "memory": memory,
+                                "dim": dim,
+                                "chunk": chunk,
+                                "seq_len": seq,
+                                "peer": name,
+                                "ours_tok_s": tok_s["ours"],
+                                "peer_tok_s": tok_s[name],
+                                "speedup": speedup,
+                                "ours_peak_mb": peak_mb["ours"],
+                                "peer_peak_mb": peak_mb[name],
+                                "mem_ratio": mem_ratio,
+                                "targets_met": bool(speedup >= TARGET_SPEEDUP and mem_ratio <= TARGET_MEM_RATIO),
+                            }
+                        )
+                    del impls, runs
+
+    summary = {}
+    for peer in sorted({r["peer"] for r in rows}):
+        at16 = [r for r in rows if r["peer"] == peer and r["chunk"] == 16]
+        summary[peer] = {
+            "chunk16_rows": len(at16),
+            "chunk16_targets_met": sum(r["targets_met"] for r in at16),
+            "chunk16_min_speedup": min((r["speedup"] for r in at16), default=None),
+            "chunk16_max_mem_ratio": max((r["mem_ratio"] for r in at16), default=None),
+        }
+
+    def plot(ax):
+        markers = {c: m for c, m in zip(sorted(set(chunks)), "os^vD<>p")}
+        colors = {p: f"C{i}" for i, p in enumerate(sorted({(r["memory"], r["peer"]) for r in rows}))}
+        for key, color in colors.items():
+            for chunk in sorted(set(chunks)):
+                pts = [r for r in rows if (r["memory"], r["peer"]) == key and r["chunk"] == chunk]
+                if pts:
+                    ax.scatter([r["speedup"] for r in pts], [r["mem_ratio"] for r in pts], color=color, marker=markers[chunk], label=f"{key[0]} vs {key[1]}, chunk {chunk}")
+                    for r in pts:
+                        ax.annotate(f"d{r['dim']}/{r['seq_len']}", (r["speedup"], r["mem_ratio"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        speedups, ratios = [r["speedup"] for r in rows], [r["mem_ratio"] for r in rows]
+        xlim = (min(speedups + [1 / TARGET_SPEEDUP]) / 1.5, max(speedups + [TARGET_SPEEDUP]) * 1.5)
+        ylim = (min(ratios + [TARGET_MEM_RATIO]) / 1.5, max(ratios + [1 / TARGET_MEM_RATIO]) * 1.5)
+        ax.fill_between([TARGET_SPEEDUP, xlim[1]], ylim[0], TARGET_MEM_RATIO, color="green", alpha=0.12, label="targets (≥3× faster, ≤½ memory)")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.axvline(1.0, color="gray", lw=0.6)
+        ax.axhline(1.0, color="gray", lw=0.6)
+        ax.set_xlabel("fwd+bwd speed-up, ours / titans-pytorch")
+        ax.set_ylabel("peak memory, ours / titans-pytorch")
+        ax.legend(fontsize=5)
+        ax.grid(alpha=0.3, which="both")
+
+    settings = {
+        "batch": batch, "heads": heads, "dims": list(dims), "chunks": list(chunks), "seq_lens": list(seq_lens), "memories": list(memories),
+        "peer_batch_sizes": list(peer_batch_sizes), "repeats": repeats, "device": device, "dtype": dtype, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "peer_version": _peer_version(),
+    }  # fmt: skip
+    columns = ["memory", "dim", "chunk", "seq_len", "peer", "ours_tok_s", "peer_tok_s", "speedup", "ours_peak_mb", "peer_peak_mb", "mem_ratio", "targets_met"]
+    paths = write_report(
+        out_dir, "bench_titans", {"settings": settings, "notes": NOTES, "summary": summary}, rows, columns, plot,
+        title=f"titans_lmm vs titans-pytorch NeuralMemory ({device}, {dtype}, B={batch}, H={heads})",
+    )  # fmt: skip
+    with open(paths["md"], "a") as f:
+        f.write("\n" + NOTES)
+    return rows
+
+
+def _peer_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("titans-pytorch")
+    except PackageNotFoundError:
+        return None
