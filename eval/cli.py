@@ -30,6 +30,11 @@ def _segment(text: str) -> tuple[int, int]:
     return seq_len, kv
 
 
+def _default(value, default):
+    """``value``, or ``default`` when the flag was not given (its default differs per bench kind)."""
+    return default if value is None else value
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -63,15 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     mqar.add_argument("--seed", type=int, help="data seed (default: the run's test seed)")
 
     bench = sub.add_parser("bench", help="throughput and memory, side by side with the baseline")
-    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops", "titans"], help="titans: titans_lmm vs titans-pytorch's NeuralMemory")
+    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops", "titans", "pararnn"], help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop")
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
     bench.add_argument("--ops", nargs="+", help="op names (ops; default all)")
-    bench.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 4096])
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--hidden", type=int, default=128)
+    bench.add_argument("--seq-lens", nargs="+", type=int, help="default: 1024 4096 (pararnn: 256 1024 4096 16384)")
+    bench.add_argument("--batch", type=int, help="default: 1 (pararnn: 4)")
+    bench.add_argument("--hidden", type=int, help="default: 128 (pararnn: 256)")
     bench.add_argument("--layers", type=int, default=2)
     bench.add_argument("--vocab", type=int, default=256)
-    bench.add_argument("--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2)")
+    bench.add_argument("--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2); pararnn: projection heads (default 2)")
     bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dims", nargs="+", type=int, default=[64, 128, 256], help="titans: model widths")
     bench.add_argument("--chunks", nargs="+", type=int, default=[16, 64], help="titans: memory chunk sizes")
     bench.add_argument("--memory", nargs="+", default=["linear"], choices=["linear", "mlp"], help="titans: memory networks")
+    bench.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"], help="pararnn: cells")
+    bench.add_argument("--max-iters", type=int, default=3, help="pararnn: Newton iterations")
+    bench.add_argument("--skip-sequential-above", type=int, help="pararnn: skip the sequential loop beyond this length")
     bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
 
     sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
@@ -186,20 +194,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pr.length_probe(args.checkpoint, out, args.train_length, args.factor, args.num_sequences, args.piece, args.split, args.max_documents, args.batch_size, args.device)
             else:
                 pr.decode_probe(out, args.checkpoints, args.mixers, args.contexts, args.decode_tokens, args.hidden, args.layers, args.vocab, args.options, args.prefill_chunk, args.batch, args.device, args.dtype)
+        elif args.kind == "pararnn":
+            from seqzoo.eval.bench_pararnn import bench_pararnn
+
+            bench_pararnn(
+                out, args.cells, _default(args.seq_lens, [256, 1024, 4096, 16384]), _default(args.batch, 4), _default(args.hidden, 256),
+                _default(args.heads, 2), args.max_iters, args.device, args.dtype, args.repeats, args.skip_sequential_above,
+            )  # fmt: skip
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops
 
             heads = 4 if args.heads is None else args.heads
-            bench_ops(out, args.ops, args.seq_lens, args.batch, heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
+            bench_ops(out, args.ops, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
         elif args.kind == "titans":
             from seqzoo.eval.bench_titans import bench_titans
 
             heads = 2 if args.heads is None else args.heads
-            bench_titans(out, args.dims, args.chunks, args.seq_lens, args.batch, heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats)
+            bench_titans(out, args.dims, args.chunks, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats)
         else:
             from seqzoo.eval.bench import bench_mixers
 
-            bench_mixers(args.mixers, out, args.kind, args.seq_lens, args.batch, args.hidden, args.layers, args.vocab, args.decode_tokens, args.options, args.device, args.dtype, args.repeats)
+            bench_mixers(args.mixers, out, args.kind, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), _default(args.hidden, 128), args.layers, args.vocab, args.decode_tokens, args.options, args.device, args.dtype, args.repeats)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"seqzoo-eval: error: {exc}", file=sys.stderr)
         return 1

@@ -137,7 +137,7 @@ class GatedDeltaNet(_DeltaRuleMixer):
     with ``A ~ U(a_init_range)`` (``A_log = log A``) and ``dt ~ logU(dt_range)``, ``dt_bias = softplus⁻¹(dt)``;
     both are exempt from weight decay. Everything else is DeltaNet (SiLU short convs, L2-normed
     ``q, k`` in the op, ``β = σ(W_β x)``), with the gated RMSNorm output
-    ``o_proj(RMSNorm(o) ⊙ swish(g_proj(x)))`` per head.
+    ``o_proj(RMSNorm(o) ⊙ swish(g_proj(x)))`` per head (plain ``RMSNorm`` with ``use_output_gate=False``).
 
     Args:
         hidden_size: model width.
@@ -145,6 +145,8 @@ class GatedDeltaNet(_DeltaRuleMixer):
         num_heads: heads. Default: 4.
         head_dim: key width per head. Default: ``hidden_size // num_heads``.
         expand_v: value width per head ``= expand_v · head_dim``. Default: 2.0 (GDN's).
+        use_output_gate: the swish output gate (fla's ``use_gate``); without it the output is
+            ``o_proj(RMSNorm(o))`` as DeltaNet's. Default: True (the paper's).
         use_short_conv: SiLU short convs on ``q, k, v``. Default: True.
         conv_size: taps of the convs. Default: 4.
         allow_neg_eigval: ``β ∈ (0, 2)``. Default: False.
@@ -163,6 +165,7 @@ class GatedDeltaNet(_DeltaRuleMixer):
         num_heads: int = 4,
         head_dim: int | None = None,
         expand_v: float = 2.0,
+        use_output_gate: bool = True,
         use_short_conv: bool = True,
         conv_size: int = 4,
         allow_neg_eigval: bool = False,
@@ -172,7 +175,7 @@ class GatedDeltaNet(_DeltaRuleMixer):
     ) -> None:
         super().__init__(
             "gated_deltanet", hidden_size, layer_idx, num_heads, head_dim, expand_v,
-            True, use_short_conv, conv_size, allow_neg_eigval, norm_eps,
+            use_output_gate, use_short_conv, conv_size, allow_neg_eigval, norm_eps,
         )
         low, high = a_init_range
         require("gated_deltanet", 0 <= low < high, f"a_init_range must be [low, high] with 0 <= low < high, got {list(a_init_range)}")

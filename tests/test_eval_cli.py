@@ -134,3 +134,24 @@ def test_bench_ops_compares_backends_against_the_reference(tmp_path, capsys):
     assert [r["fwd_bwd_vs_reference"] for r in rows][::2] == [1.0, 1.0]
     assert main(["bench", "ops", "--ops", "warp_drive", "--out", str(tmp_path)]) == 1
     assert "unknown op(s) warp_drive" in capsys.readouterr().err
+
+
+def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
+    argv = ["bench", "pararnn", "--seq-lens", "8", "24", "--batch", "2", "--hidden", "8", "--max-iters", "24", "--repeats", "1",
+            "--skip-sequential-above", "16", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench_pararnn.json").read_text())
+    rows, printed = report["rows"], printed_rows(capsys.readouterr().out)
+    assert [(r["cell"], r["seq_len"]) for r in rows] == [("gru", 8), ("gru", 24), ("lstm", 8), ("lstm", 24)]
+    assert report["settings"]["batch"] == 2 and report["settings"]["hidden"] == 8
+    for row, cells in zip(rows, printed):
+        assert float(cells[2]) == pytest.approx(row["par_fwd_s"], rel=1e-3)
+        if row["seq_len"] == 8:
+            # max_iters >= seq: Newton is exact, so the two modes agree to rounding; the ratio is of the same run's times.
+            assert row["rel_err"] < 1e-5
+            assert row["fwd_bwd_speedup"] == pytest.approx(row["seq_fwd_bwd_s"] / row["par_fwd_bwd_s"])
+        else:  # beyond --skip-sequential-above: no sequential columns
+            assert row["seq_fwd_s"] is None and row["rel_err"] is None
+    assert (tmp_path / "bench_pararnn.png").is_file()
+    assert main(["bench", "pararnn", "--batch", "0", "--out", str(tmp_path)]) == 1
+    assert "must be >= 1" in capsys.readouterr().err

@@ -251,3 +251,15 @@ def test_config_trains_one_step(tmp_path, config):
     cfg = make_cfg(f"model={config}", "trainer.max_steps=1", "test_after_fit=false", "checkpoint_every_n_steps=100")
     result = train.run(cfg, tmp_path)
     assert len(result["losses"]) == 1 and math.isfinite(result["losses"][0][1])
+
+
+def test_gated_deltanet_without_output_gate_is_deltanet_with_a_decay():
+    gated, plain = make("gated_deltanet", use_output_gate=False).eval(), make("deltanet", head_dim=8, expand_v=2.0).eval()
+    assert gated.g_proj is None
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k not in ("a_proj.weight", "A_log", "dt_bias")})
+    x = torch.randn(2, 9, HIDDEN)
+    with torch.no_grad():
+        gated.A_log.fill_(-30.0)  # exp(A_log) ≈ 1e-13: no decay left, so the layer must be DeltaNet exactly
+        assert_rel_close(gated(x), plain(x), 1e-5)
+        gated.A_log.fill_(0.0)
+        assert (gated(x) - plain(x)).abs().max() > 1e-3

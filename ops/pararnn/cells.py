@@ -86,9 +86,11 @@ class ParaGRU(MultiHeadGatedCell):
 
     def _gates(self, h: torch.Tensor, u: torch.Tensor):
         a = bounded(self.recurrent, self.recurrent_bound).to(h.dtype)
-        z = torch.sigmoid(a[0] * h + u[..., 0, :])
-        r = torch.sigmoid(a[1] * h + u[..., 1, :])
-        n = torch.tanh(a[2] * (r * h) + u[..., 2, :])
+        # unbind, not u[..., g, :]: each select's backward fills a full-size zero gradient of u.
+        u_z, u_r, u_h = u.unbind(-2)
+        z = torch.sigmoid(a[0] * h + u_z)
+        r = torch.sigmoid(a[1] * h + u_r)
+        n = torch.tanh(a[2] * (r * h) + u_h)
         return a, z, r, n
 
     def step(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -152,11 +154,13 @@ class ParaLSTM(MultiHeadGatedCell):
     def _forward(self, state: torch.Tensor, u: torch.Tensor, with_jacobian: bool):
         a = bounded(self.recurrent, self.recurrent_bound).to(state.dtype)
         p = bounded(self.peephole, self.recurrent_bound).to(state.dtype)
-        c, h = state[..., : self.hidden_size], state[..., self.hidden_size :]
-        f = torch.sigmoid(a[0] * h + p[0] * c + u[..., 0, :])
-        cand = torch.tanh(a[2] * h + u[..., 2, :])
+        c, h = state.chunk(2, dim=-1)
+        # unbind/chunk, not slicing: each slice's backward fills a full-size zero gradient.
+        u_f, u_o, u_c = u.unbind(-2)
+        f = torch.sigmoid(a[0] * h + p[0] * c + u_f)
+        cand = torch.tanh(a[2] * h + u_c)
         c_new = cand + f * (c - cand)
-        o = torch.sigmoid(a[1] * h + p[1] * c_new + u[..., 1, :])
+        o = torch.sigmoid(a[1] * h + p[1] * c_new + u_o)
         tc = torch.tanh(c_new)
         out = torch.cat([c_new, o * tc], dim=-1)
         if not with_jacobian:
