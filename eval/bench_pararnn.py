@@ -5,9 +5,12 @@ For every cell and sequence length the same cell, input and thread count run bot
 * ``parallel``: :func:`seqzoo.ops.pararnn.pararnn` with ``mode="parallel"`` (Newton iterations over
   ``affine_scan``, adjoint backward);
 * ``sequential``: ``mode="sequential"``, the token loop, differentiated by autograd through the loop
-  (what training a nonlinear RNN costs without ParaRNN).
+  (what training a nonlinear RNN costs without ParaRNN);
+* ``fused`` (CUDA only): ``mode="fused"``, the whole Newton loop in one Triton kernel per call and the
+  adjoint in another (``pararnn.md`` §1.7). On any other device it is skipped and the reason is recorded in
+  the report's ``settings.skipped`` (and printed), never dropped silently.
 
-Both include the cell's input projection (``cell.prepare``), which is the same work in each. The
+All include the cell's input projection (``cell.prepare``), which is the same work in each. The
 ``rel_err`` column is ``‖H_par − H_seq‖ / ‖H_seq‖`` of the two outputs in the same run, so a speed-up
 never hides a wrong answer.
 """
@@ -24,6 +27,7 @@ from seqzoo.eval.measure import time_call
 from seqzoo.eval.report import write_report
 
 CELLS = ("gru", "lstm")
+MODES = ("parallel", "sequential", "fused")
 
 
 def _cell(name: str, hidden: int, num_heads: int) -> torch.nn.Module:
@@ -46,20 +50,34 @@ def bench_pararnn(
     dtype: str = "float32",
     repeats: int = 3,
     skip_sequential_above: int | None = None,
+    modes: Sequence[str] = MODES,
 ) -> list[dict[str, Any]]:
-    """Forward and forward+backward seconds of the parallel and sequential modes, and their ratios.
+    """Forward and forward+backward seconds of the parallel, sequential and fused modes, and their ratios.
 
     Inputs ``x: [batch, seq, hidden]`` (standard normal, seed 0); the loss for the backward is
     ``mean(H²)``, gradients flow to ``x`` and every cell parameter. Rows: ``cell``, ``seq_len``,
     ``par_fwd_s``, ``seq_fwd_s``, ``fwd_speedup``, ``par_fwd_bwd_s``, ``seq_fwd_bwd_s``,
-    ``fwd_bwd_speedup``, ``rel_err``, ``newton_iters``. Sequential columns are empty above
-    ``skip_sequential_above``. Writes ``bench_pararnn.{json,md,png}``.
+    ``fwd_bwd_speedup``, ``rel_err``, ``newton_iters``; with ``"fused"`` in ``modes`` on CUDA also
+    ``fused_fwd_s``, ``fused_fwd_bwd_s``, ``fused_vs_par_fwd`` and ``fused_vs_par_fwd_bwd`` (parallel time /
+    fused time), ``fused_rel_err`` (against sequential) and ``fused_par_diff`` (relative difference to
+    parallel). Sequential columns are empty above ``skip_sequential_above`` or without ``"sequential"`` in
+    ``modes``; ``"parallel"`` always runs (the baseline). Writes ``bench_pararnn.{json,md,png}``.
     """
     from seqzoo.ops.pararnn import pararnn
 
     if batch < 1 or hidden < 1 or repeats < 1 or any(s < 1 for s in seq_lens):
         raise ValueError(f"bench pararnn: batch, hidden, repeats and seq lens must be >= 1, got {batch}, {hidden}, {repeats}, {list(seq_lens)}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"bench pararnn: unknown modes {unknown}; known: {', '.join(MODES)}")
     dev, dt = torch.device(device), getattr(torch, dtype)
+    skipped: dict[str, str] = {}
+    run_fused = "fused" in modes
+    if run_fused and dev.type != "cuda":
+        run_fused = False
+        skipped["fused"] = f"mode='fused' runs Triton kernels and is timed on CUDA only (device {device}; the CPU interpreter is for tests)"
+        print(f"bench pararnn: fused skipped: {skipped['fused']}")
+    run_seq = "sequential" in modes
     rows: list[dict[str, Any]] = []
     for name in cells:
         for seq in seq_lens:
@@ -81,15 +99,24 @@ def bench_pararnn(
             row["par_fwd_bwd_s"] = time_call(lambda: run("parallel", True), dev, repeats=repeats)
             h_par = run("parallel", False)
             row["newton_iters"] = max_iters
-            if skip_sequential_above is None or seq <= skip_sequential_above:
+            h_seq = None
+            if run_seq and (skip_sequential_above is None or seq <= skip_sequential_above):
                 row["seq_fwd_s"] = time_call(lambda: run("sequential", False), dev, repeats=repeats)
                 row["seq_fwd_bwd_s"] = time_call(lambda: run("sequential", True), dev, repeats=repeats)
                 h_seq = run("sequential", False).double()
                 row["fwd_speedup"] = row["seq_fwd_s"] / row["par_fwd_s"]
                 row["fwd_bwd_speedup"] = row["seq_fwd_bwd_s"] / row["par_fwd_bwd_s"]
-                row["rel_err"] = float((h_par.double() - h_seq).norm() / h_seq.norm())
+                row["rel_err"] = _rel(h_par, h_seq)
             else:
                 row.update({"seq_fwd_s": None, "seq_fwd_bwd_s": None, "fwd_speedup": None, "fwd_bwd_speedup": None, "rel_err": None})
+            if run_fused:
+                row["fused_fwd_s"] = time_call(lambda: run("fused", False), dev, repeats=repeats)
+                row["fused_fwd_bwd_s"] = time_call(lambda: run("fused", True), dev, repeats=repeats)
+                h_fused = run("fused", False)
+                row["fused_vs_par_fwd"] = row["par_fwd_s"] / row["fused_fwd_s"]
+                row["fused_vs_par_fwd_bwd"] = row["par_fwd_bwd_s"] / row["fused_fwd_bwd_s"]
+                row["fused_rel_err"] = None if h_seq is None else _rel(h_fused, h_seq)
+                row["fused_par_diff"] = _rel(h_fused, h_par)
             rows.append(row)
 
     def plot(ax):
@@ -98,6 +125,12 @@ def bench_pararnn(
                 pts = [(r["seq_len"], r[key]) for r in rows if r["cell"] == name and r[key] is not None]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=f"{name} {key.removesuffix('_speedup').replace('_', '+')}")
+                # The fused kernel against the same sequential time.
+                fused = "fused_" + key.removesuffix("_speedup") + "_s"
+                pts = [(r["seq_len"], r["seq_" + key.removesuffix("_speedup") + "_s"] / r[fused]) for r in rows
+                       if r["cell"] == name and r.get(fused) and r["seq_fwd_s"] is not None]  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="s", label=f"{name} fused {key.removesuffix('_speedup').replace('_', '+')}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -109,8 +142,19 @@ def bench_pararnn(
     settings = {
         "batch": batch, "hidden": hidden, "num_heads": num_heads, "max_iters": max_iters, "device": device,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "modes": list(modes), "skipped": skipped,
     }  # fmt: skip
     columns = ["cell", "seq_len", "par_fwd_s", "seq_fwd_s", "fwd_speedup", "par_fwd_bwd_s", "seq_fwd_bwd_s", "fwd_bwd_speedup", "rel_err", "newton_iters"]
-    title = f"ParaRNN parallel vs sequential ({device}, {dtype}, batch {batch}, hidden {hidden})"
+    if run_fused:
+        import triton
+
+        settings["triton"] = triton.__version__
+        columns += ["fused_fwd_s", "fused_fwd_bwd_s", "fused_vs_par_fwd", "fused_vs_par_fwd_bwd", "fused_rel_err", "fused_par_diff"]
+    title = f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)} ({device}, {dtype}, batch {batch}, hidden {hidden})"
     write_report(out_dir, "bench_pararnn", {"settings": settings}, rows, columns, plot, title=title)
     return rows
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"], help="pararnn: cells")
     bench.add_argument("--max-iters", type=int, default=3, help="pararnn: Newton iterations")
     bench.add_argument("--skip-sequential-above", type=int, help="pararnn: skip the sequential loop beyond this length")
+    bench.add_argument("--modes", nargs="+", default=["parallel", "sequential", "fused"], choices=["parallel", "sequential", "fused"], help="pararnn: modes to time (parallel always runs; fused needs CUDA and is skipped elsewhere, with the reason in the report)")
     bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
 
     sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             bench_pararnn(
                 out, args.cells, _default(args.seq_lens, [256, 1024, 4096, 16384]), _default(args.batch, 4), _default(args.hidden, 256),
-                _default(args.heads, 2), args.max_iters, args.device, args.dtype, args.repeats, args.skip_sequential_above,
+                _default(args.heads, 2), args.max_iters, args.device, args.dtype, args.repeats, args.skip_sequential_above, args.modes,
             )  # fmt: skip
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops

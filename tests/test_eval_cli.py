@@ -144,6 +144,9 @@ def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
     rows, printed = report["rows"], printed_rows(capsys.readouterr().out)
     assert [(r["cell"], r["seq_len"]) for r in rows] == [("gru", 8), ("gru", 24), ("lstm", 8), ("lstm", 24)]
     assert report["settings"]["batch"] == 2 and report["settings"]["hidden"] == 8
+    # No CUDA here: the fused mode is skipped with its reason recorded, not dropped silently.
+    if not torch.cuda.is_available():
+        assert "CUDA" in report["settings"]["skipped"]["fused"] and "fused_fwd_s" not in rows[0]
     for row, cells in zip(rows, printed):
         assert float(cells[2]) == pytest.approx(row["par_fwd_s"], rel=1e-3)
         if row["seq_len"] == 8:

@@ -1,8 +1,10 @@
 """ParaRNN: nonlinear RNNs trained in parallel over the sequence by Newton's method (see :mod:`.solver`).
 
 ``pararnn(cell, x)`` runs any :class:`RecurrentCell` (ParaGRU, ParaLSTM or your own) over ``x``, either by
-Newton iterations whose linear steps are ``affine_scan``s (``mode="parallel"``) or by the plain loop
-(``mode="sequential"``, for decoding and as the reference).
+Newton iterations whose linear steps are ``affine_scan``s (``mode="parallel"``), by the plain loop
+(``mode="sequential"``, for decoding and as the reference), or, for ParaGRU and ParaLSTM on CUDA, by one
+Triton kernel that runs the whole Newton loop with the Jacobians built in registers (``mode="fused"``,
+:mod:`.triton_fused`; explicit only until it has been checked and timed on a GPU).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from seqzoo.ops.pararnn.solver import (
     NewtonInfo,
     adjoint_solve,
     expand_jacobian,
+    fused_apply,
+    fused_kind,
     linear_solve,
     newton_solve,
     parallel_apply,
     sequential_apply,
 )
-from seqzoo.ops.utils import BACKENDS, check_float, check_shape, fail
+from seqzoo.ops.utils import BACKENDS, HAS_TRITON, TRITON_INTERPRET, check_float, check_shape, fail
 
 __all__ = [
     "NewtonConfig",
@@ -33,12 +37,14 @@ __all__ = [
     "autograd_jacobian",
     "bounded",
     "expand_jacobian",
+    "fused_kind",
     "linear_solve",
     "newton_solve",
     "pararnn",
 ]
 
 _OP = "pararnn"
+MODES = ("parallel", "sequential", "fused")
 
 
 def pararnn(
@@ -55,6 +61,7 @@ def pararnn(
     check_residual: bool = False,
     output_final_state: bool = False,
     return_info: bool = False,
+    chunk_size: int | None = None,
 ):
     """Apply ``cell`` to a sequence: ``h_t = f(h_{t-1}, u_t)`` with ``u = cell.prepare(x)``.
 
@@ -62,7 +69,10 @@ def pararnn(
         cell: a :class:`RecurrentCell` with declared Jacobian structure.
         x: ``[batch, seq, input]`` floating point.
         initial: ``h_{-1}`` as ``[batch, cell.state_size]`` (zeros if ``None``); receives gradients.
-        mode: ``"parallel"`` (Newton + scans, adjoint backward) or ``"sequential"`` (loop + autograd).
+        mode: ``"parallel"`` (Newton + scans, adjoint backward), ``"sequential"`` (loop + autograd) or
+            ``"fused"`` (ParaGRU/ParaLSTM only, CUDA or ``TRITON_INTERPRET=1``: the whole Newton solve in one
+            Triton kernel, fp32 or fp64 compute, the adjoint in another, then the same VJP as ``"parallel"``;
+            ``scan_backend`` and ``tol`` do not apply).
         max_iters: Newton iterations (fixed unless ``tol`` stops earlier); ``seq`` iterations are exact.
         omega: step damping ``H ← H + ω δ``.
         init_guess: ``"f0"`` (``f(0, u_t)`` for all ``t``) or ``"zeros"``.
@@ -70,8 +80,9 @@ def pararnn(
         scan_backend: ``affine_scan`` backend for the linear steps (``"auto" | "torch" | "triton" | "reference"``).
         check_residual: also evaluate the final iterate's residual into ``info.residuals`` (one more ``step``).
         output_final_state: also return the last state ``[batch, state_size]`` (for decoding after a prompt).
-        return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate; parallel mode only,
-            ``None`` in sequential mode).
+        return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate; ``None`` in sequential
+            mode; in fused mode only the final residual, with ``check_residual``).
+        chunk_size: time tile of the fused kernels (rounded up to a power of two; ``None``: their default).
 
     Returns:
         ``(y, final)`` or ``(y, final, info)``: ``y = cell.output(H)`` (``[batch, seq, N]``), ``final`` the full
@@ -86,8 +97,8 @@ def pararnn(
         fail(_OP, f"x must be [batch, seq, input] with seq >= 1, got shape {tuple(x.shape)}")
     check_float(_OP, "initial", initial)
     check_shape(_OP, "initial", initial, (x.shape[0], cell.state_size))
-    if mode not in ("parallel", "sequential"):
-        fail(_OP, f"mode must be 'parallel' or 'sequential', got {mode!r}")
+    if mode not in MODES:
+        fail(_OP, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if init_guess not in ("f0", "zeros"):
         fail(_OP, f"init_guess must be 'f0' or 'zeros', got {init_guess!r}")
     if not isinstance(max_iters, int) or max_iters < 0:
@@ -96,15 +107,30 @@ def pararnn(
         fail(_OP, f"omega must be > 0, got {omega}")
     if scan_backend not in BACKENDS:
         fail(_OP, f"unknown scan_backend {scan_backend!r}; choose one of {', '.join(BACKENDS)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        fail(_OP, f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if mode == "fused":
+        _check_fused(cell, x, initial, tol)
 
     u = cell.prepare(x)
     info = None
     if mode == "sequential":
         h = sequential_apply(cell, u, initial)
     else:
-        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual)
+        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual, chunk_size)
         info = NewtonInfo()
-        h = parallel_apply(cell, u, initial, config, info)
+        h = (fused_apply if mode == "fused" else parallel_apply)(cell, u, initial, config, info)
     y = cell.output(h)
     final = h[:, -1] if output_final_state else None
     return (y, final, info) if return_info else (y, final)
+
+
+def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None) -> None:
+    if fused_kind(cell) is None:
+        fail(_OP, f"mode='fused' has kernels for ParaGRU and ParaLSTM only, not {type(cell).__name__}; use mode='parallel'")
+    if not HAS_TRITON:
+        fail(_OP, "mode='fused' needs the triton package (pip install triton)")
+    if not (x.is_cuda and (initial is None or initial.is_cuda)) and not TRITON_INTERPRET:
+        fail(_OP, f"mode='fused' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got x on {x.device}")
+    if tol is not None:
+        fail(_OP, "mode='fused' runs exactly max_iters iterations; tol is not supported (use mode='parallel')")

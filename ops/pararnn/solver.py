@@ -13,6 +13,9 @@ guess); ``max_iters = seq`` is always the sequential result.
 Backward (implicit differentiation at the solution, nothing from the iterations is saved): with the output
 gradient ``g``, ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` (one reverse ``affine_scan``), then one batched VJP of
 ``f(roll(H), u)`` with cotangent ``λ`` gives the gradients of ``u``, the initial state and the parameters.
+
+:class:`FusedNewtonFunction` is the same solve and backward for ParaGRU/ParaLSTM with the Newton loop and the
+adjoint recurrence each in one Triton kernel (:mod:`.triton_fused`); only the final VJP stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class NewtonConfig:
     """Newton settings: fixed ``max_iters`` (ParaRNN uses 3), damping ``omega`` (< 1 damps), the initial
     guess ``"f0"`` (``h_t = f(0, u_t)``, all ``t`` in parallel) or ``"zeros"``, an optional early stop when
     the residual's max-norm is ``<= tol``, the scan backend, and whether to evaluate the final residual
-    (one extra ``step``)."""
+    (one extra ``step``), and the time tile of the fused kernels (``None``: their default)."""
 
     max_iters: int = 3
     omega: float = 1.0
@@ -52,6 +55,7 @@ class NewtonConfig:
     tol: float | None = None
     scan_backend: str = "auto"
     check_residual: bool = False
+    chunk_size: int | None = None
 
 
 def shift_states(h: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
@@ -182,21 +186,35 @@ class NewtonRNNFunction(torch.autograd.Function):
         with torch.no_grad():
             jac = cell.jacobian(shift_states(h, initial), u)
             lam = adjoint_solve(cell.structure, jac, grad_h.contiguous(), config.scan_backend)
-        needs_u, needs_init = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        needs_params = ctx.needs_input_grad[5:]
-        with torch.enable_grad():
-            u_ = u.detach().requires_grad_(needs_u)
-            init_ = None if initial is None else initial.detach().requires_grad_(needs_init)
-            f = cell.step(shift_states(h, init_), u_)
-            wrt = [u_] if needs_u else []
-            if needs_init:
-                wrt.append(init_)
-            wrt += [p for p, need in zip(params, needs_params) if need]
-            grads = list(torch.autograd.grad(f, wrt, lam, allow_unused=True)) if wrt else []
-        du = grads.pop(0) if needs_u else None
-        dinit = grads.pop(0) if needs_init else None
-        dparams = [grads.pop(0) if need else None for need in needs_params]
-        return (None, None, None, du, dinit, *dparams)
+        grads = step_vjp(cell, params, u, initial, h, lam, ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5:])
+        return (None, None, None, *grads)
+
+
+def step_vjp(
+    cell: RecurrentCell,
+    params: list[torch.Tensor],
+    u: torch.Tensor,
+    initial: torch.Tensor | None,
+    h: torch.Tensor,
+    lam: torch.Tensor,
+    needs_u: bool,
+    needs_init: bool,
+    needs_params: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """``(du, dinitial, *dparams)``: one batched VJP of ``f(roll(H), u)`` with cotangent ``λ`` (the adjoint states)."""
+    with torch.enable_grad():
+        u_ = u.detach().requires_grad_(needs_u)
+        init_ = None if initial is None else initial.detach().requires_grad_(needs_init)
+        f = cell.step(shift_states(h, init_), u_)
+        wrt = [u_] if needs_u else []
+        if needs_init:
+            wrt.append(init_)
+        wrt += [p for p, need in zip(params, needs_params) if need]
+        grads = list(torch.autograd.grad(f, wrt, lam.to(f.dtype), allow_unused=True)) if wrt else []
+    du = grads.pop(0) if needs_u else None
+    dinit = grads.pop(0) if needs_init else None
+    dparams = [grads.pop(0) if need else None for need in needs_params]
+    return (du, dinit, *dparams)
 
 
 def sequential_apply(cell: RecurrentCell, u: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
@@ -223,3 +241,89 @@ def parallel_apply(
     """Newton solve with the adjoint backward: ``u [batch, seq, ...]``, ``initial [batch, S]`` → ``H [batch, seq, S]``."""
     params = cell.recurrent_parameters()
     return NewtonRNNFunction.apply(cell, config, info, u, initial, *params)
+
+
+def fused_kind(cell: RecurrentCell) -> str | None:
+    """``"gru"`` / ``"lstm"`` when the fused Triton kernels implement ``cell``'s math exactly, else ``None``.
+
+    A subclass that overrides the step (or the gate evaluation it is built on) gets ``None``.
+    """
+    from seqzoo.ops.pararnn.cells import ParaGRU, ParaLSTM
+
+    kind_type = type(cell)
+    if isinstance(cell, ParaGRU) and all(getattr(kind_type, m) is getattr(ParaGRU, m) for m in ("step", "_gates")):
+        return "gru"
+    if isinstance(cell, ParaLSTM) and all(getattr(kind_type, m) is getattr(ParaLSTM, m) for m in ("step", "_forward")):
+        return "lstm"
+    return None
+
+
+def _fused_vectors(cell: RecurrentCell, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from seqzoo.ops.pararnn.cells import bounded
+
+    with torch.no_grad():
+        rec = bounded(cell.recurrent, cell.recurrent_bound).to(dtype).contiguous()
+        peep = bounded(cell.peephole, cell.recurrent_bound).to(dtype).contiguous() if kind == "lstm" else None
+    return rec, peep
+
+
+class FusedNewtonFunction(torch.autograd.Function):
+    """:class:`NewtonRNNFunction` with the Newton loop and the adjoint recurrence in fused Triton kernels.
+
+    Forward: one launch runs the initial guess and all ``max_iters`` iterations (Jacobians built in
+    registers); backward: one launch for ``λ``, then the same batched VJP through ``cell.step``. Computes in
+    fp32 (fp64 for fp64 inputs); saves only ``u``, ``initial`` and ``H``.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, config, kind, info, u, initial, *params):  # type: ignore[override]
+        from seqzoo.ops.pararnn.triton_fused import fused_newton
+
+        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        rec, peep = _fused_vectors(cell, kind, compute)
+        init = None if initial is None else initial.to(compute)
+        zero_guess = config.init_guess == "zeros"
+        h = fused_newton(kind, u.to(compute), rec, peep, init, config.max_iters, config.omega, zero_guess, config.chunk_size)
+        if info is not None:
+            info.iterations = config.max_iters
+            info.residuals = []
+            if config.check_residual:
+                with torch.no_grad():
+                    info.residuals = [float((cell.step(shift_states(h, init), u.to(compute)) - h).abs().amax())]
+        ctx.save_for_backward(u, initial, h)
+        ctx.cell, ctx.config, ctx.kind = cell, config, kind
+        return h.to(u.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h):  # type: ignore[override]
+        from seqzoo.ops.pararnn.triton_fused import fused_adjoint
+
+        u, initial, h = ctx.saved_tensors
+        h = h.detach()
+        cell, kind = ctx.cell, ctx.kind
+        rec, peep = _fused_vectors(cell, kind, h.dtype)
+        with torch.no_grad():
+            lam = fused_adjoint(kind, u.to(h.dtype), rec, peep, h, grad_h, ctx.config.chunk_size)
+        needs = ctx.needs_input_grad
+        params = cell.recurrent_parameters()
+        grads = step_vjp(cell, params, u, initial, h, lam, needs[4], needs[5], needs[6:])
+        return (None, None, None, None, *grads)
+
+
+def fused_apply(
+    cell: RecurrentCell,
+    u: torch.Tensor,
+    initial: torch.Tensor | None,
+    config: NewtonConfig,
+    info: NewtonInfo | None = None,
+) -> torch.Tensor:
+    """:func:`parallel_apply` through the fused Triton kernels (ParaGRU and ParaLSTM only, see :func:`fused_kind`).
+
+    Runs exactly ``config.max_iters`` iterations (no ``tol``); ``info.residuals`` holds only the final
+    residual, and only with ``config.check_residual``.
+    """
+    kind = fused_kind(cell)
+    if kind is None:
+        raise ValueError(f"no fused kernel for {type(cell).__name__}")
+    return FusedNewtonFunction.apply(cell, config, kind, info, u, initial, *cell.recurrent_parameters())

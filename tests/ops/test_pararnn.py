@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -289,6 +290,108 @@ def test_triton_scan_backend(cell_cls):
     ref.sum().backward()
     assert_rel_close(y, ref, 1e-5)
     assert_rel_close(xx.grad, xs.grad, 1e-4)
+
+
+# Fused kernels (mode="fused"): under the interpreter with small tiles, so 37 steps span three time tiles.
+FUSED_CHUNK = 16
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seq", [1, 37])
+def test_fused_equals_parallel(cell_cls, dtype, seq):
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=8, seq=seq, dtype=dtype)
+    out, final, info = pararnn(cell, x, initial=h0, mode="fused", max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True)
+    ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", max_iters=3, output_final_state=True)
+    assert out.dtype == dtype and info.iterations == 3
+    assert_rel_close(out, ref, TOL[dtype])
+    assert_rel_close(final, ref_final, TOL[dtype], "final state")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cell_cls", CELLS)
+def test_fused_zero_guess_damping_no_initial_and_residual(cell_cls):
+    cell, x, _ = make(cell_cls, input_size=8, hidden=8, seq=37, scale=5.0)
+    kw = dict(max_iters=4, omega=0.7, init_guess="zeros", check_residual=True, return_info=True)
+    out, _, info = pararnn(cell, x, mode="fused", chunk_size=8, **kw)
+    ref, _, ref_info = pararnn(cell, x, mode="parallel", **kw)
+    assert_rel_close(out, ref, 1e-12)
+    assert info.residuals == pytest.approx(ref_info.residuals[-1:], rel=1e-9)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's σ(−large) = 1/(1+inf) = 0
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_seq_iterations_is_sequential(cell_cls, dtype):
+    # fp64: unbounded and scaled up, so only causality (k iterations fix h_0..h_k) makes it exact; 12 steps, 3 tiles.
+    big = dict(bound=None, scale=30.0) if dtype == torch.float64 else {}
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=8, batch=1, seq=12, dtype=dtype, **big)
+    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
+    out, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=12, chunk_size=4)
+    if big:
+        three, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=3, chunk_size=4)
+        assert rel_err(three, ref) > 1e-6, "the test needs a case Newton does not solve in 3 steps"
+    assert_rel_close(out, ref, TOL[dtype])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=8, seq=37, dtype=dtype)
+    cell_seq = copy.deepcopy(cell)
+    w = torch.randn(2, 37, cell.hidden_size, dtype=dtype)
+
+    def grads(c, mode, **kw):
+        xx, hh = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+        y, final = pararnn(c, xx, initial=hh, mode=mode, output_final_state=True, **kw)
+        ((y * w).sum() + final.sum()).backward()
+        return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
+
+    got = grads(cell, "fused", max_iters=6, chunk_size=FUSED_CHUNK)
+    ref = grads(cell_seq, "sequential")
+    assert len(got) == 2 + len(list(cell.parameters()))
+    for g, r in zip(got, ref):
+        assert_rel_close(g, r, 1e-4 if dtype == torch.float32 else 1e-10, "gradient")
+
+
+@pytest.mark.triton
+def test_fused_low_precision_input_computes_in_fp32():
+    cell, x, h0 = make(ParaGRU, input_size=8, hidden=8, seq=9, dtype=torch.float32)
+    xb = x.bfloat16().requires_grad_(True)
+    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), mode="fused", max_iters=9, chunk_size=4)
+    y.float().sum().backward()
+    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), mode="sequential")
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert_rel_close(y, ref, 2e-2)
+
+
+def test_fused_errors_are_one_line(monkeypatch):
+    pr = importlib.import_module("seqzoo.ops.pararnn")  # the package re-exports a function of the same name
+
+    class StepGRU(ParaGRU):
+        def step(self, h_prev, u):
+            return super().step(h_prev, u) * 0.5
+
+    cell, x, _ = make(ParaGRU)
+    elman = ElmanCell(6, 4).double()
+    cases = [
+        (elman, {}, "ParaGRU and ParaLSTM only, not ElmanCell"),
+        (StepGRU(6, 4).double(), {}, "not StepGRU"),
+        (cell, dict(tol=1e-6), "tol is not supported"),
+        (cell, dict(chunk_size=0), "chunk_size"),
+    ]
+    for c, kwargs, message in cases:
+        with pytest.raises(OpInputError, match=message) as err:
+            pararnn(c, x, mode="fused", **kwargs)
+        assert "\n" not in str(err.value)
+    monkeypatch.setattr(pr, "TRITON_INTERPRET", False)
+    with pytest.raises(OpInputError, match="needs CUDA tensors") as err:
+        pararnn(cell, x, mode="fused")
+    assert "\n" not in str(err.value)
 
 
 def test_input_errors():
