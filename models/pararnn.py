@@ -25,9 +25,8 @@ from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, ShortConvolution, upcast
 from seqzoo.models.registry import ConfigError, register_mixer
-from seqzoo.ops.pararnn import ParaGRU, ParaLSTM, pararnn
+from seqzoo.ops.pararnn import MODES, ParaGRU, ParaLSTM, pararnn
 
-_MODES = ("parallel", "sequential")
 _GUESSES = ("f0", "zeros")
 
 
@@ -42,7 +41,8 @@ class ParaRNNBlock(TokenMixer):
         conv_size: taps of the causal depthwise convolution before the cell; 1 disables mixing over time. Default: 4.
         recurrent_bound: smooth bound ``|a| < bound`` on the recurrent (and peephole) vectors, which keeps
             Newton contracting; ``None`` leaves them free. Default: 0.5.
-        mode: ``"parallel"`` (Newton) or ``"sequential"`` (the plain loop) for the training form and prefill.
+        mode: ``"parallel"`` (Newton), ``"fused"`` (the whole Newton solve in one Triton kernel; CUDA or the
+            Triton interpreter) or ``"sequential"`` (the plain loop) for the training form and prefill.
         max_iters: Newton iterations of the parallel form (fixed, as in ParaRNN). Default: 3.
         omega: Newton step damping. Default: 1.
         init_guess: ``"f0"`` (``h_t = f(0, u_t)``) or ``"zeros"``.
@@ -83,8 +83,8 @@ class ParaRNNBlock(TokenMixer):
             raise ConfigError(f"{name}: conv_size must be >= 1, got {conv_size}")
         if recurrent_bound is not None and not recurrent_bound > 0:
             raise ConfigError(f"{name}: recurrent_bound must be > 0 or null, got {recurrent_bound}")
-        if mode not in _MODES:
-            raise ConfigError(f"{name}: mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if mode not in MODES:
+            raise ConfigError(f"{name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not isinstance(max_iters, int) or max_iters < 0:
             raise ConfigError(f"{name}: max_iters must be a non-negative integer, got {max_iters!r}")
         if not omega > 0:

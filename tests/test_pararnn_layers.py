@@ -69,9 +69,9 @@ def test_newton_with_seq_iterations_is_the_loop_even_far_from_init(name):
         assert_rel_close(stepped, loop(x), 1e-5, f"{name} decode vs loop")
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_three_newton_iterations_match_the_loop_and_its_gradients(name):
-    layer = make(name)
+@pytest.mark.parametrize("name, mode", [(m, "parallel") for m in MIXERS] + [pytest.param(m, "fused", marks=pytest.mark.triton) for m in MIXERS])
+def test_three_newton_iterations_match_the_loop_and_its_gradients(name, mode):
+    layer = make(name, mode=mode)
     loop = make(name, mode="sequential")
     loop.load_state_dict(layer.state_dict())
     x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
