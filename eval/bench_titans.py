@@ -40,6 +40,7 @@ Peak memory is the tensor memory allocated during one forward+backward above wha
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def bench_titans(
 ) -> list[dict[str, Any]]:
     """Fwd+bwd tokens/s and peak memory of ``titans_lmm`` and ``NeuralMemory`` side by side, with ratios.
 
-    Writes ``bench_titans.json`` (settings, notes, summary, rows), ``bench_titans.md`` and
+    Writes ``bench_titans.json`` (settings, notes, summary, rows with every repeat's seconds), ``bench_titans.md`` and
     ``bench_titans.png`` (speed-up against memory ratio, the target region shaded). Raises
     :class:`PeerUnavailableError` before measuring anything if ``titans_pytorch`` cannot be imported.
     """
@@ -162,6 +163,7 @@ def bench_titans(
         for dim in dims:
             for chunk in chunks:
                 for seq in seq_lens:
+                    print(f"bench titans: memory {memory}, dim {dim}, chunk {chunk}, seq {seq}", file=sys.stderr, flush=True)
                     torch.manual_seed(0)
                     x = torch.randn(batch, seq, dim, device=dev, dtype=dt)
                     impls = {"ours": build_ours(dim, heads, chunk, memory)}
@@ -194,6 +196,8 @@ def bench_titans(
                                 "peer_peak_mb": peak_mb[name],
                                 "mem_ratio": mem_ratio,
                                 "targets_met": bool(speedup >= TARGET_SPEEDUP and mem_ratio <= TARGET_MEM_RATIO),
+                                "ours_times_s": times["ours"],
+                                "peer_times_s": times[name],
                             }
                         )
                     del impls, runs

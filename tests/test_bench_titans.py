@@ -91,6 +91,7 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
         assert row["mem_ratio"] == pytest.approx(row["ours_peak_mb"] / row["peer_peak_mb"])
         assert row["targets_met"] == (row["speedup"] >= 3 and row["mem_ratio"] <= 0.5)
         assert row["ours_tok_s"] > 0 and row["peer_tok_s"] > 0
+        assert len(row["ours_times_s"]) == len(row["peer_times_s"]) == 1
     # Per grid point: ours, then each peer, measured once; ours is shown beside each peer configuration.
     assert len(fast_peak) == 4 * 3
     assert [(r["ours_peak_mb"], r["peer_peak_mb"]) for r in rows[:4]] == [(1, 2), (1, 3), (4, 5), (4, 6)]
