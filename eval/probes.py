@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seqzoo.data.mqar import MQARSegment, generate_mqar
-from seqzoo.data.niah import KINDS, chance_accuracy, check_kind, generate_niah
+from seqzoo.data.niah import DEFAULT_DIGITS, KINDS, VALUE_WORDS, chance_accuracy, check_kind, generate_niah
 from seqzoo.data.text import TextDataModule
 from seqzoo.eval.measure import sync
 from seqzoo.eval.report import write_report
@@ -57,6 +57,21 @@ def _training_length(config: dict[str, Any]) -> int | None:
 
 
 # ---------------------------------------------------------------- needle in a haystack
+
+
+def needle_prompt_lengths(seq_len: int, kind: str, digits: int | None, factors: Sequence[int] = (1, 2, 4, 8)) -> list[int]:
+    """Prompt lengths at ``factors`` × a needle run's training length.
+
+    A training example holds ``seq_len + 1`` tokens, prompt and answer together, so at 1× the prompt is
+    ``seq_len + 1 − len(answer)`` tokens: the question and answer sit at the positions the model was
+    trained on (with ``seq_len`` itself the answer would start beyond them). Word answers vary in length;
+    the longest one is used.
+    """
+    answer = DEFAULT_DIGITS[kind] if digits is None else digits
+    if kind == "word":
+        answer = max(len(w) for w in VALUE_WORDS)
+    return [f * seq_len + 1 - answer for f in factors]
+
 
 
 def greedy_predictor(model: LanguageModel, device: str | torch.device = "cpu", prefill_chunk: int = 2048) -> Predictor:
@@ -151,8 +166,8 @@ def niah_probe(
 ) -> dict[str, list[dict[str, Any]]]:
     """S-NIAH grid of ``checkpoint``; writes ``niah_<kind>.json/.md/.png`` per kind.
 
-    Defaults: the kind a needle run trained on (else all three), lengths 1×, 2×, 4×, 8× its training
-    length (else 256…2048), depths 0, ¼, ½, ¾, 1; ``digits`` from the run's data config when it matches.
+    Defaults: the kind a needle run trained on (else all three), prompt lengths at 1×, 2×, 4×, 8× its
+    training length (:func:`needle_prompt_lengths`; else 256…2048), depths 0, ¼, ½, ¾, 1; ``digits`` from the run's data config when it matches.
     """
     model, config = load_language_model(checkpoint, device)
     if model.config.vocab_size < 256:
@@ -163,7 +178,9 @@ def niah_probe(
     for kind in kinds:
         check_kind(kind)
     base = _training_length(config) if trained_kind else None
-    lengths = list(lengths or ([base * f for f in (1, 2, 4, 8)] if base else [256, 512, 1024, 2048]))
+    if not lengths:
+        lengths = needle_prompt_lengths(base, trained_kind, data.get("digits")) if base else [256, 512, 1024, 2048]
+    lengths = list(lengths)
     depths = list(depths if depths is not None else DEFAULT_DEPTHS)
     model.to(device)
     predict = greedy_predictor(model, device)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 import train
 from seqzoo.data.niah import KINDS, SNAP_BYTES, VALUE_WORDS, NIAHDataModule, chance_accuracy, generate_niah, make_needle_example, min_length, training_example
 from seqzoo.eval.cli import main
-from seqzoo.eval.probes import greedy_predictor, score_niah, state_norms
+from seqzoo.eval.probes import greedy_predictor, needle_prompt_lengths, score_niah, state_norms
 from seqzoo.models.checkpoint import load_language_model
 
 ANSWER = {
@@ -210,3 +210,11 @@ def test_probe_decode_checkpoint_beside_a_registered_mixer(needle_run, tmp_path,
     assert (tmp_path / "decode.png").is_file()
     assert main(["probe", "decode", "--mixers", "warp_drive", "--contexts", "8", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_default_needle_lengths_put_the_answer_where_training_did():
+    # A passkey run at seq_len 128: prompt + 5-digit answer = 129 tokens, so the 1x prompt is 124 tokens.
+    assert needle_prompt_lengths(128, "passkey", None) == [124, 252, 508, 1020]
+    assert needle_prompt_lengths(100, "number", 3, factors=(1,)) == [98]
+    ids, labels = training_example("passkey", 128, np.random.default_rng(0))
+    assert (labels != -100).nonzero()[0].item() + 1 == needle_prompt_lengths(128, "passkey", None)[0]
