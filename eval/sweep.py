@@ -108,7 +108,8 @@ def mqar_sweep(
     Returns the rows written to ``mqar_sweep.json``: ``model``, ``hidden_size``, ``params``, ``state_bytes``
     (at ``test_seq_len``), ``accuracy`` (pooled over the test mixture, Zoology's ``valid/accuracy``),
     ``acc/<segment>``, ``lr`` (the best one), ``steps``, ``train_examples``, ``wall_s`` (summed over the
-    learning rates tried). The JSON also keeps every run in ``runs`` (one entry per learning rate).
+    learning rates tried), ``note`` (``"diverged: …"`` when an op refused NaN/Inf mid-training; its
+    accuracies are then NaN and the sweep goes on). The JSON also keeps every run in ``runs`` (one entry per learning rate).
     """
     if not models:
         raise ValueError(f"{_CMD}: name at least one model config")
@@ -136,6 +137,7 @@ def mqar_sweep(
 
     from seqzoo.models import LanguageModel
     from seqzoo.models.registry import ConfigError
+    from seqzoo.ops.utils import OpInputError
 
     out_dir = Path(out_dir)
     rows: list[dict[str, Any]] = []
@@ -183,7 +185,13 @@ def mqar_sweep(
                 if lrs is not None and len(lrs) > 1:
                     label += f"_lr{lr:g}"
                 start = time.perf_counter()
-                result = train.run(cfg, out_dir / "runs" / label)
+                note = ""
+                try:
+                    result = train.run(cfg, out_dir / "runs" / label)
+                except OpInputError as exc:
+                    # An op refusing NaN/Inf mid-training means this run diverged: a result, not a reason to
+                    # lose the rest of the sweep.
+                    result, note = {}, f"diverged: {exc}"
                 wall = time.perf_counter() - start
 
                 model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))
@@ -198,7 +206,7 @@ def mqar_sweep(
                 for seg in test_segments:
                     key = f"test/acc/{_segment_name(seg)}"
                     row[f"acc/{_segment_name(seg)}"] = float(test[key] if key in test else test.get("test/acc", float("nan")))
-                row.update({"lr": float(cfg.optim.lr), "steps": steps, "train_examples": sum(s["num_examples"] for s in train_segments), "wall_s": round(wall, 2)})
+                row.update({"lr": float(cfg.optim.lr), "steps": steps, "train_examples": sum(s["num_examples"] for s in train_segments), "wall_s": round(wall, 2), "note": note})
                 tried.append(row)
             all_runs.extend(tried)
             # A diverged run has NaN accuracy; it never wins.
@@ -206,7 +214,7 @@ def mqar_sweep(
             rows.append({**best, "wall_s": round(sum(r["wall_s"] for r in tried), 2)})
 
     seg_columns = [f"acc/{_segment_name(s)}" for s in segments_used["test"]]
-    columns = ["model", "hidden_size", "params", "state_bytes", "accuracy", *seg_columns, "lr", "steps", "train_examples", "wall_s"]
+    columns = ["model", "hidden_size", "params", "state_bytes", "accuracy", *seg_columns, "lr", "steps", "train_examples", "wall_s", "note"]
     payload = {
         "data": data,
         "steps": steps,

@@ -1,6 +1,7 @@
 """``seqzoo-eval mqar-sweep``: a tiny two-model sweep; JSON == printed table, state bytes == LanguageModel.state_size."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,26 @@ def test_non_positive_learning_rate_is_one_line(tmp_path, capsys):
     assert main(["mqar-sweep", "--models", "attention", "--lr", "0", "--repo-root", str(ROOT), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "learning rates must be > 0" in err
+
+
+def test_a_diverged_run_is_a_nan_row_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    from seqzoo.ops.utils import OpInputError
+
+    real_run = train.run
+
+    def run(cfg, output_dir):
+        if cfg.model.pattern[0] == "attention":
+            raise OpInputError("neural_memory: lr contains NaN or Inf")
+        return real_run(cfg, output_dir)
+
+    monkeypatch.setattr(train, "run", run)
+    argv = [
+        "mqar-sweep", "--models", "attention", "pararnn_gru", "--widths", "16", "--data", "mqar", "--steps", "2",
+        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT),
+        "--out", str(tmp_path), "--device", "cpu", "--override", *TINY,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    diverged, trained = json.loads((tmp_path / "mqar_sweep.json").read_text())["rows"]
+    assert diverged["note"] == "diverged: neural_memory: lr contains NaN or Inf"
+    assert math.isnan(diverged["accuracy"]) and math.isnan(diverged["acc/seq16_kv2"])
+    assert trained["note"] == "" and 0.0 <= trained["accuracy"] <= 1.0
