@@ -1,4 +1,8 @@
-"""Softmax attention: causal, RoPE, optional sliding window and grouped KV heads, with a KV cache."""
+"""Softmax attention: causal, RoPE, optional sliding window, grouped KV heads and learned persistent K/V, with a KV cache.
+
+The mask (:func:`causal_mask`) and the SDPA call with persistent slots (:func:`persistent_attention`) are
+module-level so that layers with their own context layout (``titans_mac``) share them with :class:`Attention`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,67 @@ from seqzoo.models.modules import RotaryEmbedding
 from seqzoo.models.registry import ConfigError, register_mixer
 
 
+def causal_mask(num_queries: int, past: int, window_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean ``[num_queries, past + num_queries]`` mask (True = attend) for queries that follow ``past`` keys.
+
+    Query ``i`` sits at key position ``past + i`` and sees key ``j`` iff ``0 <= past + i − j < window_size``
+    (no upper bound when ``window_size`` is ``None``). Only relative positions matter, so the absolute
+    offset of the first query is not an argument.
+    """
+    delta = torch.arange(past, past + num_queries, device=device)[:, None] - torch.arange(past + num_queries, device=device)[None, :]
+    mask = delta >= 0
+    if window_size is not None:
+        mask &= delta < window_size
+    return mask
+
+
+def persistent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    persistent: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention through ``scaled_dot_product_attention``, with learned persistent K/V seen by every query.
+
+    Args:
+        q: ``[batch, n, heads, d]`` queries.
+        k, v: ``[batch, L, kv_heads, d]`` keys and values; ``kv_heads`` divides ``heads`` (grouped-query).
+        mask: ``[n, L]`` boolean (True = attend), or ``None`` for no mask (or SDPA's own causal mask).
+        persistent: ``[2, kv_heads, P, d]`` persistent keys then values, prepended to ``k``/``v`` and
+            visible to every query; ``None`` or ``P = 0`` for none.
+        is_causal: with ``mask=None`` and ``L = n``, query ``i`` sees keys ``j <= i``; SDPA's own causal flag
+            (no mask tensor) lets it pick a fused kernel.
+        dropout_p: attention-probability dropout.
+
+    Returns:
+        ``[batch, n, heads·d]``.
+    """
+    batch, n = q.shape[:2]
+    grouped = q.shape[2] != k.shape[2]
+    k, v = rearrange(k, "b l h d -> b h l d"), rearrange(v, "b l h d -> b h l d")
+    if persistent is not None and persistent.shape[2]:
+        num_p = persistent.shape[2]
+        if is_causal:  # SDPA's causal flag would mask the prepended slots too; spell the mask out instead
+            mask, is_causal = causal_mask(n, k.shape[2] - n, device=q.device), False
+        pk, pv = (p.to(q.dtype).expand(batch, -1, -1, -1) for p in persistent)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(n, num_p), mask], dim=1)
+    o = F.scaled_dot_product_attention(
+        rearrange(q, "b n h d -> b h n d"),
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        enable_gqa=grouped,
+    )
+    return rearrange(o, "b h n d -> b n (h d)")
+
+
 @register_mixer("attention")
 class Attention(TokenMixer):
     """Multi-head causal softmax attention through ``scaled_dot_product_attention``.
@@ -25,9 +90,14 @@ class Attention(TokenMixer):
         head_dim: per-head width. Default: ``hidden_size // num_heads``.
         window_size: if set, each query sees only the ``window_size`` most recent positions (itself
             included) and the decode cache keeps just the last ``window_size - 1`` keys and values.
-        rope_theta: RoPE base; ``None`` disables RoPE.
+        rope_theta: RoPE base; ``None`` disables RoPE (which needs an even ``head_dim``).
         dropout: attention-probability dropout during training.
         qkv_bias: biases on the q/k/v projections.
+        num_persistent: learned persistent K/V slots per KV head, visible to every query and never
+            windowed out (Titans' persistent memory, spec §2.3); parameter ``persistent``
+            ``[2, num_kv_heads, num_persistent, head_dim]``, zero-initialised. Default: 0 (none).
+        project_output: apply the output projection ``o_proj``; ``False`` (for use inside another layer
+            that projects itself) returns ``[batch, seq, num_heads·head_dim]``. Default: True.
 
     Cache: ``key``/``value`` ``[batch, cached, num_kv_heads, head_dim]`` (after RoPE).
     """
@@ -43,6 +113,8 @@ class Attention(TokenMixer):
         rope_theta: float | None = 10000.0,
         dropout: float = 0.0,
         qkv_bias: bool = False,
+        num_persistent: int = 0,
+        project_output: bool = True,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -51,8 +123,12 @@ class Attention(TokenMixer):
             raise ConfigError(f"attention: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}), both >= 1")
         if head_dim < 1:
             raise ConfigError(f"attention: head_dim must be >= 1, got {head_dim}")
+        if rope_theta is not None and head_dim % 2:
+            raise ConfigError(f"attention: RoPE needs an even head_dim, got {head_dim}")
         if window_size is not None and window_size < 1:
             raise ConfigError(f"attention: window_size must be >= 1 or null, got {window_size}")
+        if num_persistent < 0:
+            raise ConfigError(f"attention: num_persistent must be >= 0, got {num_persistent}")
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window_size = window_size
@@ -60,55 +136,72 @@ class Attention(TokenMixer):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False) if project_output else None
         self.rotary = RotaryEmbedding(head_dim, rope_theta) if rope_theta is not None else None
+        # Only created when used, so plain attention keeps its state_dict keys. Zero-initialised like
+        # titans-pytorch: a fresh persistent slot is a neutral attention sink (score 0, value 0).
+        self.persistent = nn.Parameter(torch.zeros(2, num_kv_heads, num_persistent, head_dim)) if num_persistent else None
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden("attention", x, self.hidden_size)
-        offset = cache.seen_tokens if cache is not None else 0
+    def attend(
+        self,
+        x: torch.Tensor,
+        past_key: torch.Tensor | None = None,
+        past_value: torch.Tensor | None = None,
+        offset: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of new tokens over the past keys/values and themselves, before the output projection.
+
+        Args:
+            x: ``[batch, seq, hidden]`` new tokens, the first at absolute position ``offset`` (for RoPE).
+            past_key, past_value: ``[batch, past, num_kv_heads, head_dim]`` (after RoPE) of the ``past``
+                tokens just before ``x``, or ``None`` for none.
+            offset: absolute position of ``x``'s first token.
+
+        Returns:
+            ``(o [batch, seq, num_heads·head_dim], key, value)``: ``key``/``value``
+            ``[batch, kept, num_kv_heads, head_dim]`` are what a decode cache keeps for the next call
+            (all of them, or the last ``window_size − 1`` with a window).
+        """
+        num_queries = x.shape[1]
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         past = 0
-        if cache is not None and cache.get("key") is not None:
-            past = cache.get("key").shape[1]
-            k = torch.cat([cache.get("key"), k], dim=1)
-            v = torch.cat([cache.get("value"), v], dim=1)
-        mask = self._mask(x.shape[1], past, offset, x.device)
-        o = F.scaled_dot_product_attention(
-            rearrange(q, "b t h d -> b h t d"),
-            rearrange(k, "b t h d -> b h t d"),
-            rearrange(v, "b t h d -> b h t d"),
-            attn_mask=mask,
-            is_causal=mask is None and past == 0 and x.shape[1] > 1,
+        if past_key is not None:
+            past = past_key.shape[1]
+            k, v = torch.cat([past_key, k], dim=1), torch.cat([past_value, v], dim=1)
+        mask = None
+        if self.window_size is not None or (past > 0 and num_queries > 1):
+            mask = causal_mask(num_queries, past, self.window_size, x.device)
+        # Without a window, a single query sees everything and a fresh block is plain causal: no mask
+        # tensor, so SDPA may pick a fused kernel.
+        o = persistent_attention(
+            q, k, v, mask, self.persistent,
+            is_causal=mask is None and past == 0 and num_queries > 1,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        if cache is not None:
-            keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size - 1)
-            cache.set("key", k[:, k.shape[1] - keep :])
-            cache.set("value", v[:, v.shape[1] - keep :])
-            cache.seen_tokens += x.shape[1]
-        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        )  # fmt: skip
+        keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size - 1)
+        return o, k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
 
-    def _mask(self, num_queries: int, past: int, offset: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean ``[queries, keys]`` mask (True = attend), or ``None`` when plain causal masking suffices."""
-        if self.window_size is None and (past == 0 or num_queries == 1):
-            return None
-        q_pos = torch.arange(offset, offset + num_queries, device=device)
-        k_pos = torch.arange(offset - past, offset + num_queries, device=device)
-        delta = q_pos[:, None] - k_pos[None, :]
-        mask = delta >= 0
-        if self.window_size is not None:
-            mask &= delta < self.window_size
-        return mask
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """``x: [batch, seq, hidden] -> [batch, seq, hidden]`` (``num_heads·head_dim`` without ``o_proj``);
+        with ``cache``, continue after its tokens."""
+        check_hidden("attention", x, self.hidden_size)
+        if cache is None:
+            o = self.attend(x)[0]
+        else:
+            o, key, value = self.attend(x, cache.get("key"), cache.get("value"), cache.seen_tokens)
+            cache.set("key", key)
+            cache.set("value", value)
+            cache.seen_tokens += x.shape[1]
+        return o if self.o_proj is None else self.o_proj(o)
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the KV cache after ``seq_len`` tokens (the window caps it for sliding attention)."""
-        if seq_len is None:
-            raise ValueError("attention: state_size needs seq_len (the KV cache grows with the prompt)")
-        held = seq_len if self.window_size is None else min(seq_len, self.window_size - 1)
+        """Bytes of the KV cache after ``seq_len`` tokens (the window caps it for sliding attention);
+        ``None``: the most it ever holds, which needs a window."""
+        if seq_len is None and self.window_size is None:
+            raise ValueError("attention: state_size needs seq_len without a window (the KV cache grows with the prompt)")
+        held = self.window_size - 1 if seq_len is None else seq_len if self.window_size is None else min(seq_len, self.window_size - 1)
         return 2 * batch * held * self.num_kv_heads * self.head_dim * self.k_proj.weight.element_size()

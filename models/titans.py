@@ -7,6 +7,8 @@
   is read with the segment's tokens and its readings join the attention context causally; the
   attention output is then written into the memory token by token and gates the output.
 
+The attention is :mod:`seqzoo.models.attention`'s (the ``Attention`` mixer with ``num_persistent`` for MAG
+and MAL, its ``causal_mask`` and ``persistent_attention`` for MAC's segment context).
 The memory itself is :func:`seqzoo.ops.neural_memory`; layers only project, convolve and gate around it.
 Its chunks count from the start of each call, so a streaming layer keeps the memory state of the last
 chunk boundary plus the projected inputs of the tokens after it (fewer than ``chunk_size``) and
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from seqzoo.models.attention import Attention, causal_mask, persistent_attention
 from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
@@ -253,70 +256,12 @@ def _xavier(heads: int, fan_in: int, fan_out: int) -> torch.Tensor:
     return torch.randn(heads, fan_in, fan_out) * (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, persistent: torch.Tensor) -> torch.Tensor:
-    """Softmax attention with learned persistent K/V visible to every query.
-
-    ``q [batch, n, heads, d]``, ``k, v [batch, L, heads, d]``, ``mask [n, L]`` (True = attend),
-    ``persistent [2, heads, N_p, d]`` → ``[batch, n, heads·d]``.
-    """
-    batch, n = q.shape[:2]
-    num_p = persistent.shape[2]
-    k, v = rearrange(k, "b l h d -> b h l d"), rearrange(v, "b l h d -> b h l d")
-    if num_p:
-        pk, pv = (p.to(q.dtype).expand(batch, -1, -1, -1) for p in persistent)
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        mask = torch.cat([mask.new_ones(n, num_p), mask], dim=1)
-    o = F.scaled_dot_product_attention(rearrange(q, "b n h d -> b h n d"), k, v, attn_mask=mask)
-    return rearrange(o, "b h n d -> b n (h d)")
-
-
-class _PersistentSWA(nn.Module):
-    """Causal (sliding-window) attention with per-layer persistent K/V (spec §2.3, luc's form).
-
-    ``forward(x [batch, seq, in_dim], state, offset) -> [batch, seq, heads·head_dim]`` (before any output
-    projection). State: ``key``/``value`` ``[batch, cached, heads, head_dim]`` after RoPE, at most
-    ``window_size − 1`` entries; the persistent K/V are parameters, not cache.
-    """
-
-    def __init__(self, layer: str, in_dim: int, num_heads: int, head_dim: int, window_size: int | None, num_persistent: int, rope_theta: float | None) -> None:
-        super().__init__()
-        _check(layer, window_size is None or window_size >= 1, f"window_size must be >= 1 or null, got {window_size}")
-        _check(layer, num_persistent >= 0, f"num_persistent must be >= 0, got {num_persistent}")
-        _check(layer, rope_theta is None or head_dim % 2 == 0, f"RoPE needs an even head_dim, got {head_dim}")
-        self.num_heads, self.head_dim, self.window_size = num_heads, head_dim, window_size
-        width = num_heads * head_dim
-        self.q_proj = nn.Linear(in_dim, width, bias=False)
-        self.k_proj = nn.Linear(in_dim, width, bias=False)
-        self.v_proj = nn.Linear(in_dim, width, bias=False)
-        self.rotary = RotaryEmbedding(head_dim, rope_theta) if rope_theta is not None else None
-        # Zero-initialised like titans-pytorch: a fresh persistent slot is a neutral attention sink.
-        self.persistent = nn.Parameter(torch.zeros(2, num_heads, num_persistent, head_dim))
-
-    def forward(self, x: torch.Tensor, state: State, offset: int) -> torch.Tensor:
-        split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
-        past = 0
-        if state.get("key") is not None:
-            past = state["key"].shape[1]
-            k, v = torch.cat([state["key"], k], dim=1), torch.cat([state["value"], v], dim=1)
-        q_pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-        k_pos = torch.arange(offset - past, offset + x.shape[1], device=x.device)
-        delta = q_pos[:, None] - k_pos[None, :]
-        mask = delta >= 0
-        if self.window_size is not None:
-            mask &= delta < self.window_size
-        o = _attend(q, k, v, mask, self.persistent)
-        keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size - 1)
-        state["key"], state["value"] = k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
-        return o
-
-    def state_size(self, batch: int, seq_len: int | None, layer: str) -> int:
-        if seq_len is None and self.window_size is None:
-            raise ValueError(f"{layer}: state_size needs seq_len when window_size is null (the KV cache grows)")
-        held = self.window_size - 1 if seq_len is None else seq_len if self.window_size is None else min(seq_len, self.window_size - 1)
-        return 2 * batch * held * self.num_heads * self.head_dim * self.q_proj.weight.element_size()
+def _attention(layer: str, hidden_size: int, layer_idx: int, **options) -> Attention:
+    """The attention sub-layer of ``layer`` (an :class:`Attention`); its option errors name ``layer``."""
+    try:
+        return Attention(hidden_size, layer_idx, **options)
+    except ConfigError as error:
+        raise ConfigError(f"{layer}: {error}") from None
 
 
 def _pending(seq_len: int | None, chunk_size: int) -> int:
@@ -416,7 +361,8 @@ class TitansMAG(TokenMixer):
     """Titans MAG, memory as a gate (spec §2.4, §9.8): ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))``.
 
     ``SWA*`` is sliding-window causal attention over the layer input with learned persistent K/V per
-    head (``num_persistent`` slots visible to every query); ``M`` is the neural memory branch of
+    head (``num_persistent`` slots visible to every query): the ``attention`` mixer (``attn``) without
+    its output projection, whose place ``W_o`` takes; ``M`` is the neural memory branch of
     ``titans_lmm`` on the same input (per-token retrieval after update). The two branches share
     ``num_heads``/``head_dim``.
 
@@ -457,7 +403,11 @@ class TitansMAG(TokenMixer):
             "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
             mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
         )  # fmt: skip
-        self.attn = _PersistentSWA("titans_mag", hidden_size, num_heads, head_dim, window_size, num_persistent, rope_theta)
+        # No output projection: the gate's W_o projects the gated attention output.
+        self.attn = _attention(
+            "titans_mag", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
+            rope_theta=rope_theta, num_persistent=num_persistent, project_output=False,
+        )  # fmt: skip
         self.combine = _GatedCombine(num_heads * head_dim, hidden_size)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -466,7 +416,8 @@ class TitansMAG(TokenMixer):
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache)
-        y = self.attn(x, state, 0 if cache is None else cache.seen_tokens)
+        offset = 0 if cache is None else cache.seen_tokens
+        y, state["key"], state["value"] = self.attn.attend(x, state.get("key"), state.get("value"), offset)
         m = self.memory.run(*self.memory.features(x, state), state)
         o = self.combine(y, rearrange(m, "b t h d -> b t (h d)").to(y.dtype))
         _save(cache, state, x.shape[1])
@@ -474,7 +425,7 @@ class TitansMAG(TokenMixer):
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
         """Bytes of the cache after ``seq_len`` tokens (``None``: the most it holds; needs a window)."""
-        return self.memory.state_size(batch, _pending(seq_len, self.memory.chunk_size)) + self.attn.state_size(batch, seq_len, "titans_mag")
+        return self.memory.state_size(batch, _pending(seq_len, self.memory.chunk_size)) + self.attn.state_size(batch, seq_len)
 
 
 @register_mixer("titans_mal")
@@ -484,7 +435,8 @@ class TitansMAL(TokenMixer):
     ``m = W_m(RMSNorm(M(x)) ⊙ σ(x W_g))`` is a full ``titans_lmm`` sub-layer; ``h = x + m`` (residual);
     ``o = m + W_o SWA*(RMSNorm(h))``, so the surrounding block computes ``x + m + SWA*(Norm(x + m))``:
     the two residual sub-layers of the H3-style stack with the memory's output feeding the attention.
-    ``SWA*`` is sliding-window attention with learned persistent K/V (``num_persistent`` per head).
+    ``SWA*`` is sliding-window attention with learned persistent K/V (``num_persistent`` per head): the
+    ``attention`` mixer (``attn``, its ``o_proj`` is ``W_o``).
 
     Args:
         hidden_size: model width.
@@ -523,8 +475,10 @@ class TitansMAL(TokenMixer):
         )  # fmt: skip
         head_dim = self.lmm.head_dim
         self.attn_norm = RMSNorm(hidden_size)
-        self.attn = _PersistentSWA("titans_mal", hidden_size, num_heads, head_dim, window_size, num_persistent, rope_theta)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.attn = _attention(
+            "titans_mal", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
+            rope_theta=rope_theta, num_persistent=num_persistent,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
@@ -536,13 +490,14 @@ class TitansMAL(TokenMixer):
         o = lmm.memory.run(*lmm.memory.features(x, state), state)
         gate = rearrange(lmm.g_proj(x), "b t (h d) -> b t h d", d=lmm.head_dim)
         m = lmm.o_proj(rearrange(lmm.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
-        y = self.attn(self.attn_norm(x + m), state, 0 if cache is None else cache.seen_tokens)
+        offset = 0 if cache is None else cache.seen_tokens
+        y, state["key"], state["value"] = self.attn.attend(self.attn_norm(x + m), state.get("key"), state.get("value"), offset)
         _save(cache, state, x.shape[1])
-        return m + self.o_proj(y)
+        return m + self.attn.o_proj(y)
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
         """Bytes of the cache after ``seq_len`` tokens (``None``: the most it holds; needs a window)."""
-        return self.lmm.state_size(batch, seq_len) + self.attn.state_size(batch, seq_len, "titans_mal")
+        return self.lmm.state_size(batch, seq_len) + self.attn.state_size(batch, seq_len)
 
 
 @register_mixer("titans_mac")
@@ -654,8 +609,10 @@ class TitansMAC(TokenMixer):
                 kk, vv = torch.cat([state["key"], k[:, piece]], 1), torch.cat([state["value"], v[:, piece]], 1)
             else:
                 kk, vv = k[:, piece], v[:, piece]
-            causal = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
-            a = _attend(q[:, piece], torch.cat([hk, kk], 1), torch.cat([hv, vv], 1), torch.cat([causal, causal], 1), self.persistent)
+            # Memory token j sits at token j's position: both halves of the context share one causal mask.
+            causal = causal_mask(n, past, device=x.device)
+            context_k, context_v = torch.cat([hk, kk], 1), torch.cat([hv, vv], 1)
+            a = persistent_attention(q[:, piece], context_k, context_v, torch.cat([causal, causal], 1), self.persistent)
             # 3. write the attention outputs into the memory; read each after its own update.
             m = self.memory.run(*self.memory.features(a, state), state)
             outs.append(self.combine(a, rearrange(m, "b t h d -> b t (h d)").to(a.dtype)))

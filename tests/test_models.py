@@ -158,6 +158,90 @@ def test_attention_rejects_bad_input_and_options():
         Attention(16).state_size()
 
 
+def persistent_attention_layer(dtype=torch.float32, **options) -> Attention:
+    torch.manual_seed(0)
+    layer = Attention(16, **{"num_heads": 2, "num_persistent": 3, **options}).to(dtype).eval()
+    with torch.no_grad():  # non-trivial slots: they start at zero
+        layer.persistent.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"window_size": 4}, {"num_heads": 4, "num_kv_heads": 2, "window_size": 5}], ids=["full", "swa", "gqa_swa"]
+)
+def test_persistent_attention_decode_equals_parallel(options):
+    layer = persistent_attention_layer(**options)
+    x = torch.randn(2, 13, 16)
+    full = layer(x)
+    cache = layer.init_cache(2)
+    pieces = [layer(x[:, :5], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(5, 13)]
+    assert_rel_close(torch.cat(pieces, 1), full, 1e-5)
+    # Two multi-token calls: the second has both past keys and several queries.
+    cache2 = layer.init_cache(2)
+    assert_rel_close(torch.cat([layer(x[:, :6], cache=cache2), layer(x[:, 6:], cache=cache2)], 1), full, 1e-5)
+    # The persistent slots are parameters, not cache.
+    assert cache.nbytes() == cache2.nbytes() == layer.state_size(batch=2, seq_len=13)
+    if "window_size" in options:
+        assert layer.state_size(batch=2) == layer.state_size(batch=2, seq_len=10**6)
+
+
+@pytest.mark.parametrize("options", [{}, {"window_size": 3}], ids=["full", "swa"])
+def test_persistent_attention_is_causal(options):
+    layer = persistent_attention_layer(**options)
+    x = torch.randn(2, 10, 16)
+    full = layer(x)
+    for t in (0, 6):
+        x2 = x.clone()
+        x2[:, t] += 1.0
+        out = layer(x2)
+        assert torch.equal(out[:, :t], full[:, :t])
+        assert not torch.allclose(out[:, t], full[:, t])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"window_size": 3}, {"num_heads": 4, "num_kv_heads": 2}], ids=["full", "swa", "gqa"]
+)
+def test_persistent_attention_matches_hand_written_softmax(options):
+    # Reference in float64: per head, softmax over [persistent keys ‖ (windowed) causal keys] / sqrt(d).
+    layer = persistent_attention_layer(torch.float64, rope_theta=None, **options)
+    heads, kv_heads, d, seq = layer.num_heads, layer.num_kv_heads, layer.head_dim, 9
+    x = torch.randn(2, seq, 16, dtype=torch.float64)
+    q = layer.q_proj(x).view(2, seq, heads, d).transpose(1, 2)
+    k = layer.k_proj(x).view(2, seq, kv_heads, d).transpose(1, 2)
+    v = layer.v_proj(x).view(2, seq, kv_heads, d).transpose(1, 2)
+    pk, pv = layer.persistent[0].expand(2, -1, -1, -1), layer.persistent[1].expand(2, -1, -1, -1)
+    k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+    i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    visible = (j <= i) & (i - j < (options.get("window_size") or seq))
+    visible = torch.cat([torch.ones(seq, 3, dtype=torch.bool), visible], 1)
+    scores = (q @ k.transpose(-1, -2) / d**0.5).masked_fill(~visible, float("-inf"))
+    ref = layer.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, seq, heads * d))
+    assert_rel_close(layer(x), ref, 1e-12)
+
+
+def test_attention_without_persistent_slots_or_output_projection():
+    # Plain attention's parameters are unchanged by the new options; project_output=False stops before o_proj.
+    assert sorted(Attention(16, num_heads=2).state_dict()) == ["k_proj.weight", "o_proj.weight", "q_proj.weight", "v_proj.weight"]
+    torch.manual_seed(0)
+    layer = Attention(16, num_heads=2, head_dim=4, num_persistent=2)
+    bare = Attention(16, num_heads=2, head_dim=4, num_persistent=2, project_output=False)
+    bare.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("o_proj")})
+    x = torch.randn(1, 5, 16)
+    assert bare(x).shape == (1, 5, 8) and "o_proj.weight" not in bare.state_dict()
+    assert torch.equal(layer.o_proj(bare(x)), layer(x))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"num_persistent": -1}, "num_persistent must be >= 0"), ({"head_dim": 3}, "RoPE needs an even head_dim"), ({"window_size": 0}, "window_size")],
+)
+def test_attention_bad_options_fail_with_one_line(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build_mixer("attention", 16, 0, options)
+    assert "\n" not in str(info.value)
+
+
 def test_language_model_cache_equals_parallel_and_generate_agrees():
     model = tiny_lm(num_heads=2).eval()
     ids = torch.randint(0, 50, (2, 12))
