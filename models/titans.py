@@ -278,7 +278,10 @@ _MEMORY_DOC = """
         mlp_expansion: hidden width of the MLP memory in units of ``head_dim``. Default: 4.
         mlp_activation: the MLP memory's hidden activation (``gelu``, ``silu``, ``relu``, ``tanh``).
         mlp_residual_norm: MLP memory ``x + LN(MLP(x))`` (TTT/§9.5) with learned per-head LN gain/bias. Default: True.
-        max_lr: the inner learning rate is ``θ = max_lr · sigmoid(Linear(x))`` per head. Default: 1.0.
+        max_lr: the inner learning rate is ``θ = max_lr · sigmoid(Linear(x))`` per head. Default: 0.1. Every
+            token of a chunk takes its gradient at the chunk-start weights, so similar keys add up to a
+            step of about ``chunk_size · θ``; at 1.0 with chunk 16 a MAC model diverged in training and an
+            LMM blew up on repetitive text beyond its training length.
         conv_size: taps of the depthwise causal convs after the q/k/v projections; ``None`` disables them. Default: 4.
         use_momentum: learn a momentum gate η (else η = 0). Default: True.
         use_decay: learn a forget gate α (else α = 0). Default: True."""
@@ -310,7 +313,7 @@ class TitansLMM(TokenMixer):
         mlp_expansion: int = 4,
         mlp_activation: str = "gelu",
         mlp_residual_norm: bool = True,
-        max_lr: float = 1.0,
+        max_lr: float = 0.1,
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
@@ -388,7 +391,7 @@ class TitansMAG(TokenMixer):
         mlp_expansion: int = 4,
         mlp_activation: str = "gelu",
         mlp_residual_norm: bool = True,
-        max_lr: float = 1.0,
+        max_lr: float = 0.1,
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
@@ -459,7 +462,7 @@ class TitansMAL(TokenMixer):
         mlp_expansion: int = 4,
         mlp_activation: str = "gelu",
         mlp_residual_norm: bool = True,
-        max_lr: float = 1.0,
+        max_lr: float = 0.1,
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
@@ -542,7 +545,7 @@ class TitansMAC(TokenMixer):
         mlp_expansion: int = 4,
         mlp_activation: str = "gelu",
         mlp_residual_norm: bool = True,
-        max_lr: float = 1.0,
+        max_lr: float = 0.1,
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
