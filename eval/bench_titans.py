@@ -14,7 +14,8 @@ The peer is built as close to ours as its API allows: the same ``dim``, ``heads`
 heads`` and ``chunk_size``; the same memory network (``linear``: ``MemoryMLP(dim_head, depth=1)``, one
 ``dim_head × dim_head`` matrix per head, without its LayerNorm-residual wrapper; ``mlp``: its default
 2-layer GELU MLP with expansion 4 inside ``x + LN(MLP(x))``, like ours); learned per-head initial
-weights; momentum (order 1) and decay on; ``θ = sigmoid(·) · 1.0``; SiLU on q/k/v (``activation``); no
+weights; momentum (order 1) and decay on; the same inner step size (the peer's loss is a mean over the
+head dim where ours is ½·sum, so its ``max_lr`` is ours × ``dim_head / 2``); SiLU on q/k/v (``activation``); no
 RMSNorm of the input inside the layer (``pre_rmsnorm=False``: our mixer has none, the block norms);
 per-head output RMSNorm (``post_rmsnorm=True``); q/k RMSNorm (``qk_rmsnorm=True``, its nearest option
 to our L2 norm).
@@ -32,15 +33,22 @@ What cannot be matched (spec titans.md §2.7, §3.3):
   weights, which parallelises over all chunks at once but is a different (weaker) learning rule.
 * Ours has depthwise short convs (4 taps) on q/k/v and a per-channel output gate ``σ(x W_g)``; the peer
   has no convs, a per-head scalar output gate and (``heads > 1``) a head-combining projection.
-* Loss scale (ours ½·sum over the head dim, the peer's mean) and the MLP memory's LayerNorm (ours gain
-  and bias, the peer's gain only) differ only in constants.
+* Gate initialisation (ours: θ, η at sigmoid(0), α at sigmoid(−4), small weights; the peer: default
+  ``nn.Linear`` init) and the MLP memory's LayerNorm (ours gain and bias, the peer's gain only). Neither
+  changes the work done, so neither changes the timings.
 
 Peak memory is the tensor memory allocated during one forward+backward above what was live before
 (:func:`seqzoo.eval.measure.peak_memory`; on CPU replayed from the profiler's allocation records).
+
+On a CPU shared with other jobs, run with ``OMP_NUM_THREADS=1``: with two intra-op threads and the other
+core busy, every parallel region waits for a descheduled thread, and layers that loop over chunks
+(ours, the peer's ``batch_size=chunk``) slow down by up to 250× while the peer's one-shot default does
+not, so the ratios measure the scheduler. ``settings`` records the thread count and the load average.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -61,12 +69,13 @@ TARGET_SPEEDUP, TARGET_MEM_RATIO = 3.0, 0.5
 NOTES = """\
 Peer: `titans_pytorch.NeuralMemory(dim, chunk_size=chunk, heads=heads, dim_head=dim // heads, activation=SiLU, \
 qk_rmsnorm=True, pre_rmsnorm=False, post_rmsnorm=True)`; linear memory = `model=MemoryMLP(dim_head, depth=1), \
-mem_model_norm_add_residual=False`, mlp memory = its default (2-layer GELU MLP ×4 in `x + LN(MLP(x))`). \
-`peer` names its `batch_size`: `chunk` takes gradients at each chunk's start weights like ours; `None` (its default) \
-at the initial weights. Not matchable: the peer retrieves at chunk granularity (ours per token, after the update), \
-pools η and α per chunk (ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head \
-scalar output gate (ours per channel). `speedup` = ours/peer fwd+bwd tokens/s (median repeats; `speedup_best`: fastest \
-repeats), `mem_ratio` = ours/peer peak memory; targets: speedup ≥ 3 and mem_ratio ≤ 0.5 at chunk 16.
+mem_model_norm_add_residual=False`, mlp memory = its default (2-layer GELU MLP ×4 in `x + LN(MLP(x))`); \
+`max_lr` = ours × dim_head / 2 (its loss is a mean over the head dim, ours ½·sum). `peer` names its `batch_size`: \
+`chunk` takes gradients at each chunk's start weights like ours; `None` (its default) at the initial weights. \
+Not matchable: the peer retrieves at chunk granularity (ours per token, after the update), pools η and α per chunk \
+(ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head scalar output gate (ours \
+per channel). `speedup` = ours/peer fwd+bwd tokens/s (median repeats; `speedup_best`: fastest repeats), \
+`mem_ratio` = ours/peer peak memory; targets: speedup ≥ 3 and mem_ratio ≤ 0.5 at chunk 16.
 """
 
 
@@ -96,8 +105,12 @@ def build_ours(dim: int, heads: int, chunk: int, memory: str) -> nn.Module:
     return build_mixer("titans_lmm", dim, 0, {"num_heads": heads, "chunk_size": chunk, "memory": memory})
 
 
-def build_peer(peer_classes, dim: int, heads: int, chunk: int, memory: str, batch_size: str) -> nn.Module:
-    """``NeuralMemory`` configured as close to :func:`build_ours` as its API allows (module docstring)."""
+def build_peer(peer_classes, dim: int, heads: int, chunk: int, memory: str, batch_size: str, max_lr: float) -> nn.Module:
+    """``NeuralMemory`` configured as close to :func:`build_ours` as its API allows (module docstring).
+
+    ``max_lr`` is ours: the peer's MSE is a mean over ``dim_head`` (gradient ``2/dim_head`` of our
+    ½‖·‖² one), so it gets ``max_lr · dim_head / 2`` for the same step.
+    """
     neural_memory, memory_mlp = peer_classes
     dim_head = dim // heads
     kwargs: dict[str, Any] = {}
@@ -108,7 +121,7 @@ def build_peer(peer_classes, dim: int, heads: int, chunk: int, memory: str, batc
     return neural_memory(
         dim=dim, chunk_size=chunk, batch_size=chunk if batch_size == "chunk" else None, heads=heads, dim_head=dim_head,
         activation=nn.SiLU(), qk_rmsnorm=True, pre_rmsnorm=False, post_rmsnorm=True, momentum=True,
-        default_step_transform_max_lr=1.0, per_head_learned_parameters=True, **kwargs,
+        default_step_transform_max_lr=max_lr * dim_head / 2, per_head_learned_parameters=True, **kwargs,
     )  # fmt: skip
 
 
@@ -160,6 +173,7 @@ def bench_titans(
     _check_grid(dims, chunks, seq_lens, heads, memories, peer_batch_sizes)
     peer_classes = load_peer()
     dev, dt = torch.device(device), getattr(torch, dtype)
+    load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     for memory in memories:
         for dim in dims:
@@ -170,7 +184,8 @@ def bench_titans(
                     x = torch.randn(batch, seq, dim, device=dev, dtype=dt)
                     impls = {"ours": build_ours(dim, heads, chunk, memory)}
                     for bs in peer_batch_sizes:
-                        impls[f"batch_size={'chunk' if bs == 'chunk' else 'None'}"] = build_peer(peer_classes, dim, heads, chunk, memory, bs)
+                        peer = build_peer(peer_classes, dim, heads, chunk, memory, bs, impls["ours"].memory.max_lr)
+                        impls[f"batch_size={'chunk' if bs == 'chunk' else 'None'}"] = peer
                     runs = {name: _forward_backward(m.to(device=dev, dtype=dt), x, name != "ours") for name, m in impls.items()}
                     for run in runs.values():  # warm-up
                         run()
@@ -244,7 +259,8 @@ def bench_titans(
     settings = {
         "batch": batch, "heads": heads, "dims": list(dims), "chunks": list(chunks), "seq_lens": list(seq_lens), "memories": list(memories),
         "peer_batch_sizes": list(peer_batch_sizes), "repeats": repeats, "device": device, "dtype": dtype, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "peer_version": _peer_version(),
+        "threads": torch.get_num_threads(), "load_avg_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
+        "peer_version": _peer_version(),
     }  # fmt: skip
     columns = ["memory", "dim", "chunk", "seq_len", "peer", "ours_tok_s", "peer_tok_s", "speedup", "speedup_best", "ours_peak_mb", "peer_peak_mb", "mem_ratio", "targets_met"]
     paths = write_report(

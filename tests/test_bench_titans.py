@@ -102,6 +102,8 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
     for kwargs in fake_peer:
         assert (kwargs["dim"], kwargs["heads"], kwargs["dim_head"], kwargs["chunk_size"]) == (8, 2, 4, 4)
         assert kwargs["qk_rmsnorm"] and kwargs["post_rmsnorm"] and not kwargs["pre_rmsnorm"]
+        # The same inner step: our max_lr for a ½·sum loss, × dim_head / 2 for its mean over dim_head.
+        assert kwargs["default_step_transform_max_lr"] == pytest.approx(bench_titans.build_ours(8, 2, 4, "linear").memory.max_lr * 4 / 2)
     assert [k["batch_size"] for k in fake_peer[:2]] == [4, None]
     assert fake_peer[0]["model"].depth == 1 and not fake_peer[0]["mem_model_norm_add_residual"]
     assert "model" not in fake_peer[-1] and fake_peer[-1]["mem_model_norm_add_residual"]
@@ -136,6 +138,6 @@ def test_real_peer_takes_our_configuration():
     x = torch.randn(1, 8, 8)
     for memory in ("linear", "mlp"):
         ours = bench_titans.build_ours(8, 2, 4, memory)
-        peer = bench_titans.build_peer(classes, 8, 2, 4, memory, "chunk")
+        peer = bench_titans.build_peer(classes, 8, 2, 4, memory, "chunk", ours.memory.max_lr)
         assert [tuple(p.shape) for p in peer.memory_model_parameters if p.ndim == 3] == [tuple(p.shape) for p in ours.memory.init_weights]
         assert peer(x)[0].shape == ours(x).shape == x.shape
