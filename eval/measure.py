@@ -34,9 +34,11 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was live before.
 
-    CUDA: the caching allocator's peak counter. CPU: replayed from the profiler's allocation
-    records (an op's allocations counted at its start, its frees at its end), since the CPU
-    allocator keeps no peak statistic.
+    CUDA: the caching allocator's peak counter. CPU: replayed from the profiler's raw allocator
+    records (one signed record per allocation or free, in time order), since the CPU allocator keeps
+    no peak statistic. The per-op memory columns of ``prof.events()`` are not used: they book a free
+    on the enclosing op, so everything freed inside a long op (a custom ``autograd.Function`` looping
+    over chunks, a backward node) would only be released at that op's end and inflate the peak.
     """
     if device.type == "cuda":
         sync(device)
@@ -49,14 +51,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    changes = []
-    for event in prof.events():
-        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if delta:
-            at = event.time_range.start if delta > 0 else event.time_range.end
-            changes.append((at, delta < 0, delta))
+    cpu = torch._C._autograd.DeviceType.CPU
+    records = sorted(
+        [
+            (event.start_ns(), event.nbytes())
+            for event in prof.profiler.kineto_results.events()
+            if event.name() == "[memory]" and event.device_type() == cpu
+        ],
+        key=lambda record: record[0],  # stable: same-time records keep the allocator's order
+    )
     live = peak = 0
-    for _, _, delta in sorted(changes):
-        live += delta
+    for _, nbytes in records:
+        live += nbytes
         peak = max(peak, live)
     return int(peak)

@@ -110,6 +110,21 @@ def test_cpu_peak_memory_counts_live_tensors():
     assert peak_memory(one_at_a_time, torch.device("cpu")) < 3 * 2**20
 
 
+class _LoopInsideOneOp(torch.autograd.Function):
+    """Allocates and frees 1 MiB ten times inside one op, as a chunked custom Function does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        for _ in range(10):
+            x = x + torch.ones(1 << 18).sum()
+        return x
+
+
+def test_cpu_peak_memory_sees_frees_inside_an_op():
+    # Booking frees on the enclosing op (the profiler's per-op columns) would report 10 MiB here.
+    assert peak_memory(lambda: _LoopInsideOneOp.apply(torch.zeros(4)), torch.device("cpu")) < 3 * 2**20
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["mqar", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
