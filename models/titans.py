@@ -31,6 +31,7 @@ from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
 from seqzoo.models.registry import ConfigError, register_mixer
 from seqzoo.ops import LinearMemoryState, MLPMemoryState, l2norm, neural_memory
+from seqzoo.ops.neural_memory import RETRIEVALS
 
 # Gate-projection bias inits: sigmoid(0) = 0.5 of the max inner lr and half momentum; sigmoid(-4) ≈ 0.018
 # forgetting per token, so a fresh memory keeps most of what it stores over a few dozen tokens.
@@ -90,6 +91,7 @@ class _MemoryBranch(nn.Module):
         conv_size: int | None,
         use_momentum: bool,
         use_decay: bool,
+        retrieval: str = "token",
     ) -> None:
         super().__init__()
         _check(layer, num_heads >= 1 and head_dim >= 1, f"num_heads and head_dim must be >= 1, got {num_heads}, {head_dim}")
@@ -99,9 +101,10 @@ class _MemoryBranch(nn.Module):
         _check(layer, mlp_activation in ("gelu", "silu", "relu", "tanh"), f"unknown mlp_activation {mlp_activation!r}")
         _check(layer, max_lr > 0, f"max_lr must be > 0, got {max_lr}")
         _check(layer, conv_size is None or conv_size >= 1, f"conv_size must be >= 1 or null, got {conv_size}")
+        _check(layer, retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
         self.num_heads, self.head_dim, self.chunk_size, self.memory = num_heads, head_dim, chunk_size, memory
         self.max_lr, self.use_momentum, self.use_decay = max_lr, use_momentum, use_decay
-        self.mlp_activation = mlp_activation
+        self.mlp_activation, self.retrieval = mlp_activation, retrieval
         self.mlp_residual_norm = memory == "mlp" and mlp_residual_norm
         self.n_gates = 1 + int(use_momentum) + int(use_decay)
         width = num_heads * head_dim
@@ -214,7 +217,7 @@ class _MemoryBranch(nn.Module):
         return neural_memory(
             q, k, v, lr, momentum, decay,
             chunk_size=self.chunk_size, memory=self.memory, initial_state=initial_state,
-            output_final_state=final, **kwargs,
+            output_final_state=final, retrieval=self.retrieval, **kwargs,
         )  # fmt: skip
 
     def read(self, q: torch.Tensor, memory_state) -> torch.Tensor:
@@ -284,7 +287,10 @@ _MEMORY_DOC = """
             LMM blew up on repetitive text beyond its training length.
         conv_size: taps of the depthwise causal convs after the q/k/v projections; ``None`` disables them. Default: 4.
         use_momentum: learn a momentum gate η (else η = 0). Default: True.
-        use_decay: learn a forget gate α (else α = 0). Default: True."""
+        use_decay: learn a forget gate α (else α = 0). Default: True.
+        retrieval: ``"token"`` reads every token with its own updated weights (the paper, the default);
+            ``"chunk"`` reads with the weights of the last completed chunk (a chunk's last token sees its
+            own chunk), titans-pytorch's cheaper retrieval (spec §9.1)."""
 
 
 @register_mixer("titans_lmm")
@@ -317,13 +323,14 @@ class TitansLMM(TokenMixer):
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
+        retrieval: str = "token",
     ) -> None:
         super().__init__()
         head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.memory = _MemoryBranch(
             "titans_lmm", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
+            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
         )  # fmt: skip
         self.num_heads, self.head_dim = num_heads, head_dim
         self.g_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
@@ -395,6 +402,7 @@ class TitansMAG(TokenMixer):
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
+        retrieval: str = "token",
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
@@ -404,7 +412,7 @@ class TitansMAG(TokenMixer):
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.memory = _MemoryBranch(
             "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
+            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
         )  # fmt: skip
         # No output projection: the gate's W_o projects the gated attention output.
         self.attn = _attention(
@@ -466,6 +474,7 @@ class TitansMAL(TokenMixer):
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
+        retrieval: str = "token",
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
@@ -474,7 +483,7 @@ class TitansMAL(TokenMixer):
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.lmm = TitansLMM(
             hidden_size, layer_idx, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
+            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
         )  # fmt: skip
         head_dim = self.lmm.head_dim
         self.attn_norm = RMSNorm(hidden_size)
@@ -549,6 +558,7 @@ class TitansMAC(TokenMixer):
         conv_size: int | None = 4,
         use_momentum: bool = True,
         use_decay: bool = True,
+        retrieval: str = "token",
         segment_size: int = 32,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
@@ -559,7 +569,7 @@ class TitansMAC(TokenMixer):
         width = num_heads * head_dim
         self.memory = _MemoryBranch(
             "titans_mac", width, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay,
+            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
         )  # fmt: skip
         _check("titans_mac", isinstance(segment_size, int) and segment_size >= 1, f"segment_size must be an int >= 1, got {segment_size!r}")
         _check("titans_mac", segment_size % chunk_size == 0, f"segment_size ({segment_size}) must be a multiple of chunk_size ({chunk_size})")

@@ -20,6 +20,7 @@ HIDDEN = 16
 CASES = {
     "lmm_linear": ("titans_lmm", {"chunk_size": 4}),
     "lmm_mlp": ("titans_lmm", {"chunk_size": 4, "memory": "mlp", "mlp_expansion": 2}),
+    "lmm_chunk_read": ("titans_lmm", {"chunk_size": 4, "memory": "mlp", "mlp_expansion": 2, "retrieval": "chunk"}),
     "lmm_plain": ("titans_lmm", {"chunk_size": 3, "conv_size": None, "use_momentum": False, "use_decay": False, "num_heads": 1}),
     "mag": ("titans_mag", {"chunk_size": 4, "window_size": 5}),
     "mal_mlp": ("titans_mal", {"chunk_size": 4, "window_size": 5, "memory": "mlp", "mlp_expansion": 2}),

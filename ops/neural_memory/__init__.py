@@ -32,12 +32,14 @@ from seqzoo.ops.utils import check_float, check_qkv, check_shape, check_state, f
 __all__ = [
     "LinearMemoryState",
     "MLPMemoryState",
+    "RETRIEVALS",
     "neural_memory",
     "neural_memory_reference",
 ]
 
 _OP = "neural_memory"
 MEMORY_KINDS = ("linear", "mlp")
+RETRIEVALS = ("token", "chunk")
 
 
 def _check_gate(name: str, g: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, upper: bool) -> None:
@@ -127,6 +129,7 @@ def neural_memory(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState | None]:
     """Titans neural long-term memory: write ``(k, v)`` by gradient steps with momentum and forgetting, read ``q``.
 
@@ -151,6 +154,11 @@ def neural_memory(
         mlp_residual_norm: MLP memory ``x + γ ⊙ LN(σ(x W1) W2) + b`` (needs ``key_dim == value_dim``).
         ln_weight, ln_bias: ``[heads, value_dim]`` LN gain/bias of that head, outer parameters (defaults 1, 0).
         ln_eps: the LayerNorm epsilon.
+        retrieval: ``"token"`` (default): ``o_t`` reads the weights updated by token ``t`` (inclusive, per
+            token). ``"chunk"``: titans-pytorch's retrieval at chunk granularity: ``o_t`` reads the weights
+            after the last completed chunk, so a chunk's tokens see only earlier chunks, except its last
+            token, which sees its own chunk (a partial final chunk's tokens never do). Cheaper reads, coarser
+            memory; the writes and the final state are the same in both.
 
     Returns:
         ``(o, final_state)``: ``o: [batch, seq, heads, value_dim]`` in q's dtype; the final state in fp32
@@ -165,6 +173,8 @@ def neural_memory(
     _check_gate("decay", decay, gate_shape, q.device, upper=True)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         fail(_OP, f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if retrieval not in RETRIEVALS:
+        fail(_OP, f"unknown retrieval {retrieval!r}; choose one of {', '.join(RETRIEVALS)}")
     if memory not in MEMORY_KINDS:
         fail(_OP, f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_KINDS)}")
     requested = backend
@@ -204,17 +214,17 @@ def neural_memory(
         return o, (state if output_final_state else None)
 
     if backend == "reference":
-        o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+        o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif memory == "mlp" and backend == "triton":
         from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_mlp_forward
 
-        o, final = neural_memory_triton_mlp_forward(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+        o, final = neural_memory_triton_mlp_forward(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif memory == "mlp":
-        o, final = neural_memory_chunk_mlp(q, k, v, lr, momentum, decay, chunk_size, state, spec)
+        o, final = neural_memory_chunk_mlp(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif backend == "triton":
         from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_linear
 
-        o, final = neural_memory_triton_linear(q, k, v, lr, momentum, decay, chunk_size, state)
+        o, final = neural_memory_triton_linear(q, k, v, lr, momentum, decay, chunk_size, state, retrieval)
     else:
-        o, final = neural_memory_chunk_linear(q, k, v, lr, momentum, decay, chunk_size, state)
+        o, final = neural_memory_chunk_linear(q, k, v, lr, momentum, decay, chunk_size, state, retrieval)
     return o.to(q.dtype), (final if output_final_state else None)

@@ -80,8 +80,15 @@ def _exp_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(c.masked_fill(c < LOG_UNDERFLOW, float("-inf")))
 
 
-def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_size: int) -> ChunkCoefficients:
-    """Closed-form coefficients of every chunk from log gates ``[B, H, T]`` (differentiable)."""
+def chunk_coefficients(
+    log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_size: int, retrieval: str = "token"
+) -> ChunkCoefficients:
+    """Closed-form coefficients of every chunk from log gates ``[B, H, T]`` (differentiable).
+
+    ``retrieval="chunk"`` rewrites only the read coefficients (``beta``, ``f``, ``C``): every row but a
+    full chunk's last reads the chunk-start weights (``β = 1, f = 0, C = 0``), the last row keeps its
+    inclusive read of the chunk's end weights. The write coefficients (``*_last``) are unchanged.
+    """
     seq = log_retain.shape[-1]
     n_chunks = -(-seq // chunk_size)
     pad = n_chunks * chunk_size - seq
@@ -95,6 +102,15 @@ def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_si
     h = _exp_cumsum(ln)
     f = (l_beta @ h.unsqueeze(-1)).squeeze(-1)
     last = chunk_size - 1 - pad  # last real row of the final chunk
+    if retrieval == "chunk":
+        # Only row chunk_size − 1 ends a chunk; in a partial final chunk that row is padding, dropped later.
+        ends = torch.zeros(chunk_size, dtype=torch.bool, device=la.device)
+        ends[-1] = True
+        read_beta = torch.where(ends, beta, torch.ones_like(beta))
+        read_f = torch.where(ends, f, torch.zeros_like(f))
+        read_c = torch.where(ends.unsqueeze(-1), c, torch.zeros_like(c))
+    else:
+        read_beta, read_f, read_c = beta, f, c
 
     def last_rows(x: torch.Tensor, matrix: bool) -> torch.Tensor:
         if matrix:
@@ -104,9 +120,9 @@ def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_si
         return torch.cat([full, tail], dim=2)
 
     return ChunkCoefficients(
-        beta=beta,
-        f=f,
-        C=c,
+        beta=read_beta,
+        f=read_f,
+        C=read_c,
         beta_last=last_rows(beta, False),
         f_last=last_rows(f, False),
         h_last=last_rows(h, False),
@@ -233,17 +249,19 @@ def neural_memory_chunk_linear(
     decay: torch.Tensor,
     chunk_size: int,
     state: LinearMemoryState,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, LinearMemoryState]:
     """Linear memory, chunked dual form with a hand-written backward (:class:`_LinearChunkFunction`).
 
-    Args: as :func:`seqzoo.ops.neural_memory.neural_memory`, with a full fp32/fp64 ``state``.
+    Args: as :func:`seqzoo.ops.neural_memory.neural_memory`, with a full fp32/fp64 ``state``; ``retrieval``
+    as there (through :func:`chunk_coefficients`).
     Returns: ``(o [B, T, H, value_dim] in the state's dtype, final LinearMemoryState)``.
     """
     seq = q.shape[1]
     dtype = state.weight.dtype
     qc, kc, vc = (_chunk_major(to_chunks(x, chunk_size, dtype)) for x in (q, k, v))
     theta = _chunk_major(to_chunks(lr, chunk_size, dtype).unsqueeze(-1))
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
     rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.beta, coef.f))
     scalars = (_chunk_major(x[..., None, None]) for x in (coef.beta_last, coef.f_last, coef.h_last))
     last_rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.c_last, coef.e_last))
@@ -263,6 +281,7 @@ def neural_memory_chunk_mlp(
     chunk_size: int,
     state: MLPMemoryState,
     spec: MLPSpec,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, MLPMemoryState]:
     """2-layer MLP memory, chunked dual form (TTT-MLP's construction with momentum and forget gates).
 
@@ -274,7 +293,7 @@ def neural_memory_chunk_mlp(
     dtype = state.w1.dtype
     qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
     theta = to_chunks(lr, chunk_size, dtype).unsqueeze(-1)
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
     scores1 = coef.C * (qc @ kc.transpose(-1, -2))
     act = spec.activation
 

@@ -35,6 +35,7 @@ def neural_memory_reference(
     chunk_size: int,
     state: LinearMemoryState | MLPMemoryState,
     mlp: MLPSpec | None = None,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState]:
     """Primal per-token loop with chunk-start gradients.
 
@@ -44,6 +45,8 @@ def neural_memory_reference(
         chunk_size: gradients of every token of a chunk are taken at the chunk-start weights.
         state: the initial state (fp32 or fp64), a full ``LinearMemoryState`` or ``MLPMemoryState``.
         mlp: the deep-memory description, ``None`` for the linear memory.
+        retrieval: ``"token"`` reads each query with the weights just updated by its token; ``"chunk"``
+            with the chunk-start weights, except a chunk's last token, which sees its whole chunk.
 
     Returns:
         ``(o [batch, seq, heads, value_dim] in the state's dtype, final state of the same kind)``.
@@ -79,7 +82,8 @@ def neural_memory_reference(
             grads = torch.autograd.grad(loss, base, create_graph=outer)
             moms = tuple(eta * s - theta * g for s, g in zip(moms, grads))
             weights = tuple(retain * w + s for w, s in zip(weights, moms))
-            outputs.append(_memory_apply(q_t, weights, mlp))
+            chunk_ends = (t + 1) % chunk_size == 0
+            outputs.append(_memory_apply(q_t, weights if retrieval == "token" or chunk_ends else base, mlp))
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=dtype)
     final = type(state)(*weights, *moms)
     if not outer:

@@ -296,10 +296,11 @@ def neural_memory_triton_linear(
     decay: torch.Tensor,
     chunk_size: int,
     state: LinearMemoryState,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, LinearMemoryState]:
     """Linear memory with the Triton kernels; arguments and returns as :func:`.chunk.neural_memory_chunk_linear`."""
     dtype = state.weight.dtype
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
     # The interpreter computes bf16 wrongly (specs/triton.md §1): hand it fp32 there.
     if TRITON_INTERPRET and q.dtype == torch.bfloat16:
         q, k, v, lr = (x.float() for x in (q, k, v, lr))
@@ -485,6 +486,7 @@ def neural_memory_triton_mlp_forward(
     chunk_size: int,
     state: MLPMemoryState,
     spec: MLPSpec,
+    retrieval: str = "token",
 ) -> tuple[torch.Tensor, MLPMemoryState]:
     """MLP memory forward with Triton (no autograd: inference only); arguments as :func:`.chunk.neural_memory_chunk_mlp`."""
     batch, seq, heads, key_dim = q.shape
@@ -493,7 +495,7 @@ def neural_memory_triton_mlp_forward(
     dtype = state.w1.dtype
     tensor_dtype, acc, precision = _kernel_dtype(dtype, q.dtype)
     with torch.no_grad():
-        coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size)
+        coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
         if TRITON_INTERPRET and q.dtype == torch.bfloat16:
             q, k, v, lr = (x.float() for x in (q, k, v, lr))
         work = MLPMemoryState(*(t.detach().to(tensor_dtype).clone(memory_format=torch.contiguous_format) for t in state))

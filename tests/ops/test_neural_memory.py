@@ -70,8 +70,11 @@ def run(x, state, backend, chunk_size, memory="linear", **kw):
     )
 
 
-def primal_linear(q, k, v, lr, momentum, decay, chunk_size, w, s):
-    """Linear memory, primal form, closed-form gradient ``k (Wᵀk − v)ᵀ`` at the chunk start; per-token weights."""
+def primal_linear(q, k, v, lr, momentum, decay, chunk_size, w, s, retrieval="token"):
+    """Linear memory, primal form, closed-form gradient ``k (Wᵀk − v)ᵀ`` at the chunk start; per-token weights.
+
+    ``retrieval="chunk"`` reads with the chunk-start weights, except at a chunk's last token.
+    """
     out = []
     base = w
     for t in range(q.shape[1]):
@@ -84,7 +87,8 @@ def primal_linear(q, k, v, lr, momentum, decay, chunk_size, w, s):
         alpha = 0 if decay is None else decay[:, t, :, None, None]
         s = eta * s - lr[:, t, :, None, None] * u
         w = (1 - alpha) * w + s
-        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], w))
+        read = w if retrieval == "token" or (t + 1) % chunk_size == 0 else base
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], read))
     return torch.stack(out, 1), w, s
 
 
@@ -375,6 +379,7 @@ def _bad_calls():
         ("chunk float", dict(chunk_size=2.0), "chunk_size"),
         ("memory kind", dict(memory="deep"), "unknown memory"),
         ("backend", dict(backend="cuda"), "unknown backend"),
+        ("retrieval", dict(retrieval="segment"), "unknown retrieval"),
         ("state tensor", dict(initial_state=st.weight), "(weight, momentum) pair"),
         ("state shape", dict(initial_state=bad_w), "initial_state.weight has shape"),
         ("mlp no state", dict(memory="mlp"), "needs initial_state"),
@@ -398,14 +403,73 @@ def test_input_errors(case):
     assert "\n" not in str(info.value)
 
 
+# ---------------------------------------------------------------------------------------------- retrieval="chunk"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_chunk_retrieval_reference_equals_closed_form_primal(chunk_size):
+    """The oracle's chunk-granular reads equal a hand-written primal loop (T=21: a partial last chunk)."""
+    x, state = make_inputs(seq=21, heads=2, seed=40 + chunk_size)
+    o, final = run(x, state, "reference", chunk_size, retrieval="chunk")
+    o_p, w_p, s_p = primal_linear(*x.values(), chunk_size, *state, retrieval="chunk")
+    assert_rel_close(o, o_p, 1e-12, "o")
+    assert_rel_close(final.weight, w_p, 1e-12, "W")
+    assert_rel_close(final.momentum, s_p, 1e-12, "S")
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+@pytest.mark.parametrize("memory", ["linear", "mlp_ln"])
+def test_chunk_retrieval_chunked_matches_reference_with_gradients(memory, chunk_size):
+    kind = "linear" if memory == "linear" else "mlp"
+    x, state = make_inputs(seq=19, heads=2, memory=kind, seed=41, requires_grad=True)
+    kw = {"retrieval": "chunk"}
+    if kind == "mlp":
+        kw.update(mlp_residual_norm=True, ln_weight=(1 + 0.3 * torch.randn(2, 6, dtype=F64)).requires_grad_())
+    leaves = [*x.values(), *state] + ([kw["ln_weight"]] if kind == "mlp" else [])
+    results = {}
+    for backend in ("torch", "reference"):
+        g = torch.Generator().manual_seed(8)
+        o, final = run(x, state, backend, chunk_size, kind, **kw)
+        loss = (o * torch.randn(o.shape, generator=g, dtype=F64)).sum()
+        loss = loss + sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in final)
+        results[backend] = (o, torch.autograd.grad(loss, leaves))
+    assert_rel_close(results["torch"][0], results["reference"][0], 1e-10, "o")
+    for i, (a, b) in enumerate(zip(results["torch"][1], results["reference"][1])):
+        assert_rel_close(a, b, 1e-9, f"grad of leaf {i}")
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+def test_chunk_retrieval_reads_only_completed_chunks(memory):
+    """Tokens inside a chunk do not see their own chunk's writes (not even earlier tokens'); its last token
+    does; chunk 1 is the per-token read; the writes and final state do not depend on the retrieval."""
+    chunk = 4
+    x, state = make_inputs(seq=14, heads=2, memory=memory, seed=42)
+    o, final = run(x, state, "torch", chunk, memory, retrieval="chunk")
+    o_token, final_token = run(x, state, "torch", chunk, memory)
+    for a, b in zip(final, final_token):
+        assert torch.equal(a, b)
+    one, _ = run(x, state, "torch", 1, memory, retrieval="chunk")
+    assert_rel_close(one, run(x, state, "torch", 1, memory)[0], 1e-12, "chunk 1")
+    assert rel_err(o, o_token) > 1e-3  # the two reads differ at chunk 4
+    for j in (4, 5, 12):  # perturb one token's write: tokens 4 (start of chunk 1), 5, 12 (partial last chunk)
+        y = {n: t.clone() for n, t in x.items()}
+        y["v"][:, j] += 1.0
+        o2, _ = run(y, state, "torch", chunk, memory, retrieval="chunk")
+        end = (j // chunk + 1) * chunk - 1  # the last token of j's chunk
+        changed = (o2 - o).abs().amax(dim=(0, 2, 3)) > 1e-12
+        assert not changed[:end].any(), f"write of token {j} was read before its chunk ended"
+        if end < 14:
+            assert changed[end:].all(), f"write of token {j} is not read from its chunk's last token on"
+
+
 # ---------------------------------------------------------------------------------------------- Triton
 
 
-def _grads(x, state, backend, chunk_size, seed=21):
+def _grads(x, state, backend, chunk_size, seed=21, retrieval="token"):
     """Outputs, final state and gradients of every input under a random cotangent."""
     x = {n: (None if t is None else t.detach().clone().requires_grad_()) for n, t in x.items()}
     state = LinearMemoryState(*(t.detach().clone().requires_grad_() for t in state))
-    o, final = run(x, state, backend, chunk_size)
+    o, final = run(x, state, backend, chunk_size, retrieval=retrieval)
     g = torch.Generator().manual_seed(seed)
     loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (o, *final))
     leaves = [t for t in (*x.values(), *state) if t is not None]
@@ -421,8 +485,9 @@ def _grads(x, state, backend, chunk_size, seed=21):
         dict(seq=21, heads=2, key_dim=5, value_dim=7, chunk=5, dtype=F64, gates=True),
         dict(seq=9, heads=2, key_dim=4, value_dim=4, chunk=1, dtype=torch.float32, gates=False),
         dict(seq=1, heads=1, key_dim=4, value_dim=4, chunk=16, dtype=torch.float32, gates=True),
+        dict(seq=21, heads=2, key_dim=6, value_dim=6, chunk=4, dtype=torch.float32, gates=True, retrieval="chunk"),
     ],
-    ids=["fp32-c16", "fp32-c4-V80", "fp64-c5", "fp32-c1-nogates", "fp32-T1"],
+    ids=["fp32-c16", "fp32-c4-V80", "fp64-c5", "fp32-c1-nogates", "fp32-T1", "fp32-c4-chunk-read"],
 )
 def test_triton_matches_reference(case):
     """Triton forward and hand-written backward (interpreter on CPU) equal autograd through the oracle."""
@@ -432,8 +497,9 @@ def test_triton_matches_reference(case):
         gates=case["gates"], dtype=dtype, seed=case["seq"],
     )  # fmt: skip
     tol = 1e-12 if dtype == F64 else 2e-5
-    o, final, grads = _grads(x, state, "triton", case["chunk"])
-    o_ref, final_ref, grads_ref = _grads(x, state, "reference", case["chunk"])
+    retrieval = case.get("retrieval", "token")
+    o, final, grads = _grads(x, state, "triton", case["chunk"], retrieval=retrieval)
+    o_ref, final_ref, grads_ref = _grads(x, state, "reference", case["chunk"], retrieval=retrieval)
     assert o.dtype == dtype
     assert_rel_close(o, o_ref, tol, "o")
     for name, a, b in zip(final._fields, final, final_ref):
@@ -473,8 +539,9 @@ def test_triton_no_grad_and_gradcheck():
     [
         dict(seq=37, key_dim=8, value_dim=8, hidden=32, chunk=16, dtype=torch.float32, act="gelu", ln=False),
         dict(seq=21, key_dim=6, value_dim=6, hidden=20, chunk=5, dtype=F64, act="silu", ln=True),
+        dict(seq=21, key_dim=6, value_dim=6, hidden=20, chunk=4, dtype=torch.float32, act="gelu", ln=False, retrieval="chunk"),
     ],
-    ids=["fp32-gelu-c16", "fp64-silu-ln-c5"],
+    ids=["fp32-gelu-c16", "fp64-silu-ln-c5", "fp32-gelu-c4-chunk-read"],
 )
 def test_triton_mlp_forward_matches_reference(case):
     """The forward-only MLP kernel (hidden streamed in blocks, state in global memory) equals the oracle."""
@@ -483,7 +550,7 @@ def test_triton_mlp_forward_matches_reference(case):
         batch=2, seq=case["seq"], heads=2, key_dim=case["key_dim"], value_dim=case["value_dim"],
         hidden=case["hidden"], memory="mlp", dtype=dtype, seed=case["seq"],
     )  # fmt: skip
-    kw = dict(mlp_activation=case["act"], mlp_residual_norm=case["ln"])
+    kw = dict(mlp_activation=case["act"], mlp_residual_norm=case["ln"], retrieval=case.get("retrieval", "token"))
     if case["ln"]:
         kw.update(ln_weight=1 + 0.3 * torch.randn(2, case["value_dim"], dtype=dtype), ln_bias=0.1 * torch.randn(2, case["value_dim"], dtype=dtype))
     o, final = run(x, state, "triton", case["chunk"], "mlp", **kw)
