@@ -24,7 +24,7 @@ What cannot be matched (spec titans.md §2.7, §3.3):
 
 * Retrieval: ours is per token, after the update that includes the token itself (dual form inside each
   chunk); the peer's is chunk-granular: token ``t`` reads the weights after ``⌊(t+1)/chunk⌋`` complete
-  chunks, one weight set materialised per chunk.
+  chunks, one weight set materialised per chunk. ``--retrieval chunk`` gives ours the same reads.
 * Gates: ours are per token (θ, η, α); the peer has per-token θ but one η and α per chunk, from the
   chunk's mean-pooled input.
 * Gradient base: ours takes every gradient of a chunk at that chunk's start weights. The peer's
@@ -72,8 +72,8 @@ qk_rmsnorm=True, pre_rmsnorm=False, post_rmsnorm=True)`; linear memory = `model=
 mem_model_norm_add_residual=False`, mlp memory = its default (2-layer GELU MLP ×4 in `x + LN(MLP(x))`); \
 `max_lr` = ours × dim_head / 2 (its loss is a mean over the head dim, ours ½·sum). `peer` names its `batch_size`: \
 `chunk` takes gradients at each chunk's start weights like ours; `None` (its default) at the initial weights. \
-Not matchable: the peer retrieves at chunk granularity (ours per token, after the update), pools η and α per chunk \
-(ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head scalar output gate (ours \
+Retrieval: the peer reads at chunk granularity; ours per token after the update unless `settings.retrieval` is \
+`chunk`. Not matchable: the peer pools η and α per chunk (ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head scalar output gate (ours \
 per channel). `speedup` = ours/peer fwd+bwd tokens/s (median repeats; `speedup_best`: fastest repeats), \
 `mem_ratio` = ours/peer peak memory; targets: speedup ≥ 3 and mem_ratio ≤ 0.5 at chunk 16.
 """
@@ -100,9 +100,9 @@ def load_peer():
         raise PeerUnavailableError(f"bench titans needs titans-pytorch (pip install 'seqzoo[bench]'), which cannot be imported ({reason})") from None
 
 
-def build_ours(dim: int, heads: int, chunk: int, memory: str) -> nn.Module:
+def build_ours(dim: int, heads: int, chunk: int, memory: str, retrieval: str = "token") -> nn.Module:
     """Our ``titans_lmm`` mixer at width ``dim`` with ``heads`` heads of ``dim // heads``."""
-    return build_mixer("titans_lmm", dim, 0, {"num_heads": heads, "chunk_size": chunk, "memory": memory})
+    return build_mixer("titans_lmm", dim, 0, {"num_heads": heads, "chunk_size": chunk, "memory": memory, "retrieval": retrieval})
 
 
 def build_peer(peer_classes, dim: int, heads: int, chunk: int, memory: str, batch_size: str, max_lr: float) -> nn.Module:
@@ -163,14 +163,20 @@ def bench_titans(
     device: str = "cpu",
     dtype: str = "float32",
     repeats: int = 3,
+    retrieval: str = "token",
 ) -> list[dict[str, Any]]:
     """Fwd+bwd tokens/s and peak memory of ``titans_lmm`` and ``NeuralMemory`` side by side, with ratios.
+
+    ``retrieval`` is our mixer's: ``"token"`` (the paper's per-token reads, our default) or ``"chunk"``
+    (the peer's chunk-granular reads, so that both read the same weights).
 
     Writes ``bench_titans.json`` (settings, notes, summary, rows with every repeat's seconds), ``bench_titans.md`` and
     ``bench_titans.png`` (speed-up against memory ratio, the target region shaded). Raises
     :class:`PeerUnavailableError` before measuring anything if ``titans_pytorch`` cannot be imported.
     """
     _check_grid(dims, chunks, seq_lens, heads, memories, peer_batch_sizes)
+    if retrieval not in ("token", "chunk"):
+        raise ValueError(f"bench titans: retrieval must be 'token' or 'chunk', got {retrieval!r}")
     peer_classes = load_peer()
     dev, dt = torch.device(device), getattr(torch, dtype)
     load_before = os.getloadavg()
@@ -182,7 +188,7 @@ def bench_titans(
                     print(f"bench titans: memory {memory}, dim {dim}, chunk {chunk}, seq {seq}", file=sys.stderr, flush=True)
                     torch.manual_seed(0)
                     x = torch.randn(batch, seq, dim, device=dev, dtype=dt)
-                    impls = {"ours": build_ours(dim, heads, chunk, memory)}
+                    impls = {"ours": build_ours(dim, heads, chunk, memory, retrieval)}
                     for bs in peer_batch_sizes:
                         peer = build_peer(peer_classes, dim, heads, chunk, memory, bs, impls["ours"].memory.max_lr)
                         impls[f"batch_size={'chunk' if bs == 'chunk' else 'None'}"] = peer
@@ -260,7 +266,7 @@ def bench_titans(
         "batch": batch, "heads": heads, "dims": list(dims), "chunks": list(chunks), "seq_lens": list(seq_lens), "memories": list(memories),
         "peer_batch_sizes": list(peer_batch_sizes), "repeats": repeats, "device": device, "dtype": dtype, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "load_avg_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
-        "peer_version": _peer_version(),
+        "peer_version": _peer_version(), "retrieval": retrieval,
     }  # fmt: skip
     columns = ["memory", "dim", "chunk", "seq_len", "peer", "ours_tok_s", "peer_tok_s", "speedup", "speedup_best", "ours_peak_mb", "peer_peak_mb", "mem_ratio", "targets_met"]
     paths = write_report(

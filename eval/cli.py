@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-iters", type=int, default=3, help="pararnn: Newton iterations")
     bench.add_argument("--skip-sequential-above", type=int, help="pararnn: skip the sequential loop beyond this length")
     bench.add_argument("--modes", nargs="+", default=["parallel", "sequential", "fused"], choices=["parallel", "sequential", "fused"], help="pararnn: modes to time (parallel always runs; fused needs CUDA and is skipped elsewhere, with the reason in the report)")
+    bench.add_argument("--retrieval", default="token", choices=["token", "chunk"], help="titans: our reads, per token (the paper) or per chunk (as the peer)")
     bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
 
     sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from seqzoo.eval.bench_titans import bench_titans
 
             heads = 2 if args.heads is None else args.heads
-            bench_titans(out, args.dims, args.chunks, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats)
+            bench_titans(out, args.dims, args.chunks, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats, args.retrieval)
         else:
             from seqzoo.eval.bench import bench_mixers
 

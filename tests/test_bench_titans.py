@@ -112,6 +112,15 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
     assert (tmp_path / "bench_titans.png").stat().st_size > 0
 
 
+def test_bench_titans_retrieval_chunk_reaches_our_mixer(fake_peer, fast_peak, monkeypatch, tmp_path):
+    built = []
+    real_build = bench_titans.build_ours
+    monkeypatch.setattr(bench_titans, "build_ours", lambda *a: built.append(real_build(*a)) or built[-1])
+    assert main([*TINY, "--retrieval", "chunk", "--peer-batch-size", "chunk", "--out", str(tmp_path)]) == 0
+    assert len(built) == 2 and all(m.memory.retrieval == "chunk" for m in built)
+    assert json.loads((tmp_path / "bench_titans.json").read_text())["settings"]["retrieval"] == "chunk"
+
+
 def test_bench_titans_without_titans_pytorch_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "titans_pytorch", None)  # import titans_pytorch -> ImportError
     assert main([*TINY, "--out", str(tmp_path)]) == 1
