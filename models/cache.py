@@ -23,8 +23,16 @@ class LayerCache:
         return self.tensors.get(name)
 
     def set(self, name: str, value: torch.Tensor) -> None:
-        """Store state ``name`` (detached: a cache never carries an autograd graph between calls)."""
-        self.tensors[name] = value.detach()
+        """Store state ``name``, detached and compact.
+
+        Detached: a cache never carries an autograd graph between calls. Compact: a view into a larger
+        buffer (a conv tail, the last state or the pending tokens of a prefill) is copied, otherwise the
+        cache would keep the whole prefill buffer alive while :meth:`nbytes` counts only the view.
+        """
+        value = value.detach()
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone(memory_format=torch.contiguous_format)
+        self.tensors[name] = value
 
     def nbytes(self) -> int:
         """Bytes held by all state tensors (what :meth:`state_size` of the mixer predicts)."""

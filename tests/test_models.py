@@ -278,3 +278,17 @@ def test_no_weight_decay_covers_norms_embeddings_and_flagged_parameters():
     names = model.no_weight_decay_names()
     assert "embed.weight" in names and "norm.weight" in names and "blocks.0.mixer_norm.weight" in names
     assert "blocks.0.mixer.q_proj.weight" not in names
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_cache_after_prefill_holds_only_its_own_bytes(name):
+    """A cache entry that is a view of a prefill buffer (a conv tail, the last state) would keep that
+    whole buffer alive while ``nbytes`` and ``state_size`` count only the view."""
+    torch.manual_seed(0)
+    layer = build_mixer(name, 32, 0)
+    cache = layer.init_cache(2)
+    with torch.no_grad():
+        layer(torch.randn(2, 45, 32), cache=cache)
+        layer(torch.randn(2, 1, 32), cache=cache)
+    held = sum(t.untyped_storage().nbytes() for t in cache.tensors.values())
+    assert held == cache.nbytes() == layer.state_size(batch=2, seq_len=46)
