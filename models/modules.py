@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +42,12 @@ class GatedRMSNorm(RMSNorm):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # Recomputed in backward: autograd keeps x and gate, not the upcast, normalised and gated copies.
+            return checkpoint(self._normalise_and_gate, x, gate, use_reentrant=False)
+        return self._normalise_and_gate(x, gate)
+
+    def _normalise_and_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         g = self.activation(upcast(gate))
         if self.norm_before_gate:
             return (upcast(super().forward(x)) * g).to(x.dtype)
@@ -95,14 +102,28 @@ class ShortConvolution(nn.Module):
         Returns ``(y [batch, seq, channels], new_state or None)``; the new state is the last
         ``kernel_size-1`` inputs, ready for the next call.
         """
-        batch, _, channels = x.shape
+        batch, seq, channels = x.shape
+        keep = self.kernel_size - 1
         if conv_state is None:
-            conv_state = x.new_zeros(batch, self.kernel_size - 1, channels)
-        full = torch.cat([conv_state.to(x.dtype), x], dim=1)
-        y = self.conv(rearrange(full, "b t c -> b c t"))
-        y = self.activation(rearrange(y, "b c t -> b t c"))
-        new_state = full[:, full.shape[1] - (self.kernel_size - 1) :] if output_state else None
+            conv_state = x.new_zeros(batch, keep, channels)
+        conv_state = conv_state.to(x.dtype)
+        if torch.is_grad_enabled():
+            # Recomputed in backward: autograd keeps x instead of the padded input and the pre-activation
+            # output (one activation-sized tensor less per conv; the recompute is a depthwise conv).
+            y = checkpoint(self._convolve, conv_state, x, use_reentrant=False)
+        else:
+            y = self._convolve(conv_state, x)
+        new_state = None
+        if output_state:
+            recent = torch.cat([conv_state, x[:, max(0, seq - keep) :]], dim=1)
+            # A copy, not a view: a view would keep the caller's whole input alive with the state.
+            new_state = recent[:, recent.shape[1] - keep :].clone()
         return y, new_state
+
+    def _convolve(self, conv_state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        full = torch.cat([conv_state, x], dim=1)
+        y = self.conv(rearrange(full, "b t c -> b c t"))
+        return self.activation(rearrange(y, "b c t -> b t c"))
 
     def state_size(self, batch: int = 1) -> int:
         """Bytes of the conv tail kept between decode calls."""

@@ -81,6 +81,32 @@ def test_rmsnorm_and_gated_rmsnorm_match_formulas():
     assert_rel_close(gated(x, gate), expected * torch.nn.functional.silu(gate), 1e-12)
 
 
+def test_norm_and_conv_gradients_match_plain_autograd():
+    """GatedRMSNorm and ShortConvolution recompute in backward; their gradients equal plain formulas'."""
+    torch.manual_seed(0)
+    x, gate = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    gated = GatedRMSNorm(8).double()
+    torch.nn.init.normal_(gated.weight)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gated.weight * torch.nn.functional.silu(gate)
+    cot = torch.randn_like(expected)
+    leaves = [x, gate, gated.weight]
+    for a, b in zip(torch.autograd.grad((gated(x, gate) * cot).sum(), leaves), torch.autograd.grad((expected * cot).sum(), leaves)):
+        assert_rel_close(a, b, 1e-12)
+
+    conv = ShortConvolution(6, kernel_size=4, bias=True).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    y, new_tail = conv(x, conv_state=tail, output_state=True)
+    padded = torch.cat([tail, x], 1).transpose(1, 2)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(padded, conv.conv.weight, conv.conv.bias, groups=6)).transpose(1, 2)
+    assert_rel_close(y, expected, 1e-12)
+    assert torch.equal(new_tail, x[:, -3:]) and new_tail.untyped_storage().nbytes() == new_tail.numel() * 8
+    cot = torch.randn_like(y)
+    leaves = [x, tail, conv.conv.weight, conv.conv.bias]
+    for a, b in zip(torch.autograd.grad((y * cot).sum(), leaves), torch.autograd.grad((expected * cot).sum(), leaves)):
+        assert_rel_close(a, b, 1e-12)
+
+
 def test_short_convolution_streaming_equals_one_call_and_is_causal():
     torch.manual_seed(0)
     conv = ShortConvolution(6, kernel_size=4)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from seqzoo.ops.neural_memory.memory import (
     LinearMemoryState,
@@ -129,6 +130,20 @@ def chunk_coefficients(
         c_last=last_rows(c, True),
         e_last=last_rows(l_eta, True),
     )
+
+
+def gate_coefficients(
+    momentum: torch.Tensor, decay: torch.Tensor, dtype: torch.dtype, chunk_size: int, retrieval: str = "token"
+) -> ChunkCoefficients:
+    """:func:`chunk_coefficients` of the gates ``[batch, seq, heads]``, recomputed in backward under autograd.
+
+    Recomputing is cheap (work ``O(seq · chunk_size)``) and saves the ``[B, H, N, b, b]`` masks and
+    exponentials that autograd would otherwise keep for every chunk.
+    """
+    log_retain, log_eta = log_gates(momentum, decay, dtype)
+    if torch.is_grad_enabled() and (log_retain.requires_grad or log_eta.requires_grad):
+        return checkpoint(chunk_coefficients, log_retain, log_eta, chunk_size, retrieval, use_reentrant=False)
+    return chunk_coefficients(log_retain, log_eta, chunk_size, retrieval)
 
 
 def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -261,7 +276,7 @@ def neural_memory_chunk_linear(
     dtype = state.weight.dtype
     qc, kc, vc = (_chunk_major(to_chunks(x, chunk_size, dtype)) for x in (q, k, v))
     theta = _chunk_major(to_chunks(lr, chunk_size, dtype).unsqueeze(-1))
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
+    coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
     rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.beta, coef.f))
     scalars = (_chunk_major(x[..., None, None]) for x in (coef.beta_last, coef.f_last, coef.h_last))
     last_rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.c_last, coef.e_last))
@@ -293,7 +308,7 @@ def neural_memory_chunk_mlp(
     dtype = state.w1.dtype
     qc, kc, vc = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
     theta = to_chunks(lr, chunk_size, dtype).unsqueeze(-1)
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
+    coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
     scores1 = coef.C * (qc @ kc.transpose(-1, -2))
     act = spec.activation
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqzoo.ops.neural_memory.chunk import chunk_coefficients, log_gates
+from seqzoo.ops.neural_memory.chunk import gate_coefficients
 from seqzoo.ops.neural_memory.memory import LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs
 
@@ -300,7 +300,7 @@ def neural_memory_triton_linear(
 ) -> tuple[torch.Tensor, LinearMemoryState]:
     """Linear memory with the Triton kernels; arguments and returns as :func:`.chunk.neural_memory_chunk_linear`."""
     dtype = state.weight.dtype
-    coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
+    coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
     # The interpreter computes bf16 wrongly (specs/triton.md §1): hand it fp32 there.
     if TRITON_INTERPRET and q.dtype == torch.bfloat16:
         q, k, v, lr = (x.float() for x in (q, k, v, lr))
@@ -495,7 +495,7 @@ def neural_memory_triton_mlp_forward(
     dtype = state.w1.dtype
     tensor_dtype, acc, precision = _kernel_dtype(dtype, q.dtype)
     with torch.no_grad():
-        coef = chunk_coefficients(*log_gates(momentum, decay, dtype), chunk_size, retrieval)
+        coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
         if TRITON_INTERPRET and q.dtype == torch.bfloat16:
             q, k, v, lr = (x.float() for x in (q, k, v, lr))
         work = MLPMemoryState(*(t.detach().to(tensor_dtype).clone(memory_format=torch.contiguous_format) for t in state))
