@@ -61,6 +61,7 @@ from torch import nn
 from seqzoo.eval.measure import peak_memory, time_call
 from seqzoo.eval.report import write_report
 from seqzoo.models import build_mixer
+from seqzoo.ops.neural_memory import RETRIEVALS
 
 MEMORIES = ("linear", "mlp")
 PEER_BATCH_SIZES = ("chunk", "none")
@@ -175,8 +176,8 @@ def bench_titans(
     :class:`PeerUnavailableError` before measuring anything if ``titans_pytorch`` cannot be imported.
     """
     _check_grid(dims, chunks, seq_lens, heads, memories, peer_batch_sizes)
-    if retrieval not in ("token", "chunk"):
-        raise ValueError(f"bench titans: retrieval must be 'token' or 'chunk', got {retrieval!r}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"bench titans: retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
     peer_classes = load_peer()
     dev, dt = torch.device(device), getattr(torch, dtype)
     load_before = os.getloadavg()

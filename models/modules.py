@@ -116,7 +116,7 @@ class ShortConvolution(nn.Module):
         new_state = None
         if output_state:
             recent = torch.cat([conv_state, x[:, max(0, seq - keep) :]], dim=1)
-            # A copy, not a view: a view would keep the caller's whole input alive with the state.
+            # A compact copy: the state owns its kernel_size − 1 rows and shares no buffer with this call.
             new_state = recent[:, recent.shape[1] - keep :].clone()
         return y, new_state
 
