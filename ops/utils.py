@@ -157,6 +157,12 @@ def for_each_sequence(
     return torch.cat(outputs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
 
 
+# SEQZOO_AUTOTUNE=0 keeps each kernel's first config: every config is a separate compile (seconds each on a
+# GPU), which a correctness run across many shapes and dtypes cannot afford and does not need.
+AUTOTUNE = os.environ.get("SEQZOO_AUTOTUNE", "1") != "0"
+
+
 def autotune_configs(configs: list) -> list:
-    """Keep only the first Triton autotune config under the interpreter (it cannot benchmark)."""
-    return configs[:1] if TRITON_INTERPRET else configs
+    """The Triton autotune configs to try: only the first under the interpreter (it cannot benchmark)
+    or with ``SEQZOO_AUTOTUNE=0``; the first config must therefore be valid for every shape."""
+    return configs[:1] if TRITON_INTERPRET or not AUTOTUNE else configs

@@ -23,7 +23,7 @@ from seqzoo.ops.neural_memory.chunk import gate_coefficients
 from seqzoo.ops.neural_memory.memory import LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs
 
-_CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8, 2) for s in (2, 3)])
+_CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
