@@ -2,7 +2,8 @@
 Triton on CUDA), plus peer implementations when their optional packages are installed.
 
 The throughput of each row is tokens (batch × seq) per second; ``fwd_bwd_vs_reference`` is the
-forward+backward speed-up over the token-by-token reference measured in the same run.
+forward+backward speed-up over the token-by-token reference measured in the same run, and
+``fwd_bwd_vs_fla`` (on our rows) the ratio of our forward+backward throughput to fla's chunked kernel.
 """
 
 from __future__ import annotations
@@ -64,18 +65,34 @@ def _ours(op: str, backend: str) -> Callable[[dict[str, torch.Tensor]], torch.Te
 
 
 def _peers(op: str, device: torch.device) -> dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]]:
-    """Implementations from optional packages (the ``bench`` extra); none are runtime dependencies."""
+    """Implementations from optional packages (the ``bench`` extra); none are runtime dependencies.
+
+    On CUDA: fla's chunked Triton kernel for each linear-attention op, called with the same inputs and
+    options as ours (``[batch, seq, heads, dim]`` layout, q/k L2-normalised in the kernel for the delta
+    rules). On the CPU: fla's naive chunked PyTorch gated delta rule.
+    """
     peers: dict[str, Callable] = {}
-    if op != "gated_delta_rule":
-        return peers
     try:
         if device.type == "cuda":
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            if op == "gated_delta_rule":
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-            peers["fla chunk (triton)"] = lambda x: chunk_gated_delta_rule(
-                x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True
-            )[0]
-        else:
+                peers["fla chunk (triton)"] = lambda x: chunk_gated_delta_rule(
+                    x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True
+                )[0]
+            elif op == "delta_rule":
+                from fla.ops.delta_rule import chunk_delta_rule
+
+                peers["fla chunk (triton)"] = lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], use_qk_l2norm_in_kernel=True)[0]
+            elif op == "gla":
+                from fla.ops.gla import chunk_gla
+
+                peers["fla chunk (triton)"] = lambda x: chunk_gla(x["q"], x["k"], x["v"], x["g"])[0]
+            elif op == "simple_gla":
+                from fla.ops.simple_gla import chunk_simple_gla
+
+                peers["fla chunk (triton)"] = lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], x["g"])[0]
+        elif op == "gated_delta_rule":
             from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
 
             def fla_naive(x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,6 +164,8 @@ def bench_ops(
     for r in rows:
         ref = next((x for x in rows if x["op"] == r["op"] and x["seq_len"] == r["seq_len"] and x["impl"] == "ours reference"), None)
         r["fwd_bwd_vs_reference"] = r["fwd_bwd_tok_s"] / ref["fwd_bwd_tok_s"] if ref else None
+        fla = next((x for x in rows if x["op"] == r["op"] and x["seq_len"] == r["seq_len"] and x["impl"].startswith("fla chunk")), None)
+        r["fwd_bwd_vs_fla"] = r["fwd_bwd_tok_s"] / fla["fwd_bwd_tok_s"] if fla and r["impl"].startswith("ours") else None
 
     def plot(ax):
         for op in ops:
@@ -161,6 +180,6 @@ def bench_ops(
         ax.grid(alpha=0.3)
 
     settings = {"batch": batch, "heads": heads, "dim": dim, "device": device, "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    columns = ["op", "impl", "seq_len", "fwd_tok_s", "fwd_bwd_tok_s", "peak_mem_mb", "fwd_bwd_vs_reference"]
+    columns = ["op", "impl", "seq_len", "fwd_tok_s", "fwd_bwd_tok_s", "peak_mem_mb", "fwd_bwd_vs_reference", "fwd_bwd_vs_fla"]
     write_report(out_dir, "bench_ops", {"settings": settings}, rows, columns, plot, title=f"ops ({device}, {dtype}, B={batch}, H={heads}, D={dim})")
     return rows

@@ -118,6 +118,9 @@ def bench_pararnn(
                 row["fused_rel_err"] = None if h_seq is None else _rel(h_fused, h_seq)
                 row["fused_par_diff"] = _rel(h_fused, h_par)
             rows.append(row)
+            # Long sequential loops take minutes on some devices: report each row as it lands.
+            measured = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+            print(f"bench pararnn: {name} seq {seq}: {measured}", flush=True)
 
     def plot(ax):
         for name in cells:
