@@ -283,13 +283,23 @@ def _state_tile_store(x, val, o_k, m_k, o_v, m_v, V: tl.constexpr):
     tl.store(x + o_k[:, None] * V + o_v[None, :], val.to(x.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
 
 
-def _state_configs() -> list:
-    return autotune_configs(
-        [triton.Config({"BV": bv}, num_warps=nw) for bv in (32, 64) for nw in (2, 4)]
-    )
+def _state_configs(num_stages: int | None = None) -> list:
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    return autotune_configs([triton.Config({"BV": bv}, num_warps=nw, **extra) for bv in (32, 64) for nw in (2, 4)])
 
 
-@triton.autotune(configs=_state_configs(), key=["H", "K", "V", "USE_G", "DT"])
+def _tuned_by_key_dim(kernel) -> tuple:
+    """``(for key_dim <= 2·BK, for wider keys)``: the same state kernel, autotuned, pipelined or not.
+
+    Software pipelining keeps ``num_stages`` copies of the chunk loop's tiles in shared memory. With up to
+    two key tiles the default (3 stages) fits; with four (key_dim 256) it needs 287 KB (forward) and
+    443 KB (backward) against a Hopper SM's 227 KB, so no config could launch. One stage needs 25-50 KB.
+    (Figures from compiling for sm_90 with triton 3.9, see ``benchmarks/triton_resources.py``.)
+    """
+    key = ["H", "K", "V", "USE_G", "DT"]
+    return triton.autotune(configs=_state_configs(), key=key)(kernel), triton.autotune(configs=_state_configs(num_stages=1), key=key)(kernel)
+
+
 @triton.jit
 def _state_forward(
     k,
@@ -499,7 +509,6 @@ def _dh_tile_update(b_dh, b_dv, b_do, q, w, bos, o_t, m_t, o_k, m_k, b_qscale, d
     return b_dh * decay + _dot(b_qt, b_do, DT) - _dot(b_wt, b_dv, DT)
 
 
-@triton.autotune(configs=_state_configs(), key=["H", "K", "V", "USE_G", "DT"])
 @triton.jit
 def _state_backward(
     q,
@@ -602,6 +611,10 @@ def _state_backward(
             _state_tile_store(p_dh0, b_dh3, o_k3, m_k3, o_v, m_v, V)
         if K > 3 * BK:
             _state_tile_store(p_dh0, b_dh4, o_k4, m_k4, o_v, m_v, V)
+
+
+_STATE_FORWARD = _tuned_by_key_dim(_state_forward)
+_STATE_BACKWARD = _tuned_by_key_dim(_state_backward)
 
 
 @triton.jit
@@ -893,7 +906,7 @@ def _wy_and_state(k, v, beta, gc, Ai, h0, meta, store_ht: bool):
     def grid(meta_):
         return (triton.cdiv(value_dim, meta_["BV"]), n_seqs * heads)
 
-    _state_forward[grid](
+    _STATE_FORWARD[key_dim > 2 * BK][grid](
         k, w, u, gc if use_g else beta, h0 if h0 is not None else h, h, v_new, ht, cu, chunk_offsets,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, USE_G=use_g, USE_H0=h0 is not None, STORE_HT=store_ht, DT=tdt,
     )  # fmt: skip
@@ -948,7 +961,7 @@ def _chunk_backward(q, k, v, beta, gc, Ai, h0, do, dht, scale, meta):
         return (triton.cdiv(value_dim, meta_["BV"]), n_seqs * heads)
 
     dv = torch.empty_like(v)
-    _state_backward[grid](
+    _STATE_BACKWARD[key_dim > 2 * BK][grid](
         q, k, w, gc_arg, do, dv_local, dv, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         cu, chunk_offsets, scale,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, USE_G=use_g, USE_DHT=dht is not None,

@@ -454,3 +454,12 @@ def test_delta_rule_errors():
         delta_rule(q, k, v, beta[:, :4])
     with pytest.raises(OpInputError, match="^gated_delta_rule: g is required"):
         gated_delta_rule(q, k, v, beta, None)
+
+
+def test_wide_key_state_kernels_run_unpipelined():
+    """Above two 64-wide key tiles the pipelined state kernels need more shared memory than a Hopper SM has
+    (287 KB / 443 KB at key_dim 256); the wide variants must run every config with one stage."""
+    for narrow, wide in (gdr_triton._STATE_FORWARD, gdr_triton._STATE_BACKWARD):
+        assert narrow.fn is wide.fn
+        assert all(c.num_stages == 1 for c in wide.configs)
+        assert all(c.num_stages > 1 for c in narrow.configs)
