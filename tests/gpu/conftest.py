@@ -2,9 +2,9 @@
 
 - One kernel config each, no autotuning (``ops.utils.AUTOTUNE``): every config is a separate compile,
   which a correctness run across many shapes and dtypes cannot afford and does not need.
-- ``SEQZOO_GPU_REPORT=path``: each test's outcome and duration, and a failure's
-  report, are appended to ``path`` as soon as the test ends. A
-  GPU lease ends at a hard time limit, and pytest prints failure details only at the end of the session.
+- ``SEQZOO_GPU_REPORT=path``: each test's outcome and duration, and a failure's report, are appended to
+  ``path`` as soon as the test ends. A GPU lease ends at a hard time limit, and pytest prints failure
+  details only at the end of the session.
 """
 
 import os
