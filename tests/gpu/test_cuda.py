@@ -82,14 +82,16 @@ def run_case(
     gen = torch.Generator().manual_seed(1234)
     cotangents = [torch.randn(o.shape, generator=gen, dtype=F64).to(device=device, dtype=o.dtype) for o in outputs]
     params = _flatten(leaves)
-    grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outputs, cotangents)), params, allow_unused=True)
+    input_grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outputs, cotangents)), params, allow_unused=True)
     return [t.detach().to("cpu", F64) for t in outputs] + [
-        torch.zeros(p.shape, dtype=F64) if g is None else g.detach().to("cpu", F64) for p, g in zip(params, grads)
+        torch.zeros(p.shape, dtype=F64) if g is None else g.detach().to("cpu", F64) for p, g in zip(params, input_grads)
     ]
 
 
 @dataclass
 class OpCase:
+    """One op call: float64 CPU inputs, the call ``(inputs, backend) -> outputs`` and its fp32 tolerance."""
+
     name: str
     inputs: Callable[[], Any]
     call: Callable[[Any, str], Any]
