@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run in the interpreter; it must be on before any @triton.jit runs.
@@ -19,8 +20,6 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def pytest_collection_modifyitems(config, items) -> None:
     """With a GPU and no interpreter, the ``triton``-marked tests (CPU tensors through the interpreter)
     cannot run: ``backend="triton"`` needs CUDA tensors there. ``tests/gpu`` runs the kernels compiled."""
-    import pytest
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
     skip = pytest.mark.skip(reason="interpreter test (TRITON_INTERPRET is off on a GPU machine); tests/gpu runs the kernels compiled")

@@ -288,8 +288,13 @@ def _state_configs(num_stages: int | None = None) -> list:
     return autotune_configs([triton.Config({"BV": bv}, num_warps=nw, **extra) for bv in (32, 64) for nw in (2, 4)])
 
 
+# Widest key dim whose state kernels run software-pipelined (two key tiles); wider keys run unpipelined.
+PIPELINED_MAX_KEY_DIM = 2 * BK
+
+
 def _tuned_by_key_dim(kernel) -> tuple:
-    """``(for key_dim <= 2·BK, for wider keys)``: the same state kernel, autotuned, pipelined or not.
+    """``(for key_dim <= PIPELINED_MAX_KEY_DIM, for wider keys)``: the same state kernel, autotuned,
+    pipelined or not.
 
     Software pipelining keeps ``num_stages`` copies of the chunk loop's tiles in shared memory. With up to
     two key tiles the default (3 stages) fits; with four (key_dim 256) it needs 287 KB (forward) and
@@ -906,7 +911,7 @@ def _wy_and_state(k, v, beta, gc, Ai, h0, meta, store_ht: bool):
     def grid(meta_):
         return (triton.cdiv(value_dim, meta_["BV"]), n_seqs * heads)
 
-    _STATE_FORWARD[key_dim > 2 * BK][grid](
+    _STATE_FORWARD[key_dim > PIPELINED_MAX_KEY_DIM][grid](
         k, w, u, gc if use_g else beta, h0 if h0 is not None else h, h, v_new, ht, cu, chunk_offsets,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, USE_G=use_g, USE_H0=h0 is not None, STORE_HT=store_ht, DT=tdt,
     )  # fmt: skip
@@ -961,7 +966,7 @@ def _chunk_backward(q, k, v, beta, gc, Ai, h0, do, dht, scale, meta):
         return (triton.cdiv(value_dim, meta_["BV"]), n_seqs * heads)
 
     dv = torch.empty_like(v)
-    _STATE_BACKWARD[key_dim > 2 * BK][grid](
+    _STATE_BACKWARD[key_dim > PIPELINED_MAX_KEY_DIM][grid](
         q, k, w, gc_arg, do, dv_local, dv, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh,
         cu, chunk_offsets, scale,
         H=heads, K=key_dim, V=value_dim, BT=BT, BK=BK, USE_G=use_g, USE_DHT=dht is not None,
