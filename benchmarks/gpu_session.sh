@@ -31,7 +31,7 @@ for step in "$@"; do
     ops)
       timeout 200 python3 -m seqzoo.eval bench ops --device cuda --seq-lens 1024 4096 16384 --skip-reference-above 1024 --out "$OUT/ops" 2>&1 | tail -40 ;;
     ops_fla)
-      timeout 200 python3 -m seqzoo.eval bench ops --device cuda --ops gated_delta_rule simple_gla --seq-lens 4096 16384 --skip-reference-above 0 --out "$OUT/ops" 2>&1 | tail -30 ;;
+      timeout 200 python3 -m seqzoo.eval bench ops --device cuda --ops gated_delta_rule simple_gla --seq-lens 4096 16384 --skip-reference-above 0 --out "$OUT/ops_fla" 2>&1 | tail -30 ;;
     ops_bf16)
       timeout 200 python3 -m seqzoo.eval bench ops --device cuda --dtype bfloat16 --seq-lens 4096 16384 --skip-reference-above 0 --out "$OUT/ops_bf16" 2>&1 | tail -40 ;;
     titans)
