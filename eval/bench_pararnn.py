@@ -6,13 +6,16 @@ For every cell and sequence length the same cell, input and thread count run bot
   ``affine_scan``, adjoint backward);
 * ``sequential``: ``mode="sequential"``, the token loop, differentiated by autograd through the loop
   (what training a nonlinear RNN costs without ParaRNN);
-* ``fused`` (CUDA only): ``mode="fused"``, the whole Newton loop in one Triton kernel per call and the
-  adjoint in another (``pararnn.md`` §1.7). On any other device it is skipped and the reason is recorded in
-  the report's ``settings.skipped`` (and printed), never dropped silently.
+* ``fused``: ``mode="fused"``, the whole Newton loop in one kernel per call (``pararnn.md`` §1.7): Triton on
+  CUDA, the compiled C++ kernel on CPU (which also fuses the backward). Where it cannot run (no compiler on
+  a CPU machine, another device) it is skipped and the reason is recorded in the report's
+  ``settings.skipped`` (and printed), never dropped silently.
 
-All include the cell's input projection (``cell.prepare``), which is the same work in each. The
-``rel_err`` column is ``‖H_par − H_seq‖ / ‖H_seq‖`` of the two outputs in the same run, so a speed-up
-never hides a wrong answer.
+``projection=True`` (the default) times the whole cell, input projection (``cell.prepare``) included: the
+same GEMMs in every mode, so they cap the ratios. ``projection=False`` times the recurrence alone on the
+projected inputs ``u`` (what ParaRNN parallelises; the paper's fused kernels also take ``Wx + b``
+precomputed); gradients then flow to ``u`` and the recurrent vectors. The ``rel_err`` columns compare the
+outputs with the sequential ones of the same run, so a speed-up never hides a wrong answer.
 """
 
 from __future__ import annotations
@@ -51,19 +54,20 @@ def bench_pararnn(
     repeats: int = 3,
     skip_sequential_above: int | None = None,
     modes: Sequence[str] = MODES,
+    projection: bool = True,
 ) -> list[dict[str, Any]]:
     """Forward and forward+backward seconds of the parallel, sequential and fused modes, and their ratios.
 
     Inputs ``x: [batch, seq, hidden]`` (standard normal, seed 0); the loss for the backward is
     ``mean(H²)``, gradients flow to ``x`` and every cell parameter. Rows: ``cell``, ``seq_len``,
     ``par_fwd_s``, ``seq_fwd_s``, ``fwd_speedup``, ``par_fwd_bwd_s``, ``seq_fwd_bwd_s``,
-    ``fwd_bwd_speedup``, ``rel_err``, ``newton_iters``; with ``"fused"`` in ``modes`` on CUDA also
-    ``fused_fwd_s``, ``fused_fwd_bwd_s``, ``fused_vs_par_fwd`` and ``fused_vs_par_fwd_bwd`` (parallel time /
-    fused time), ``fused_rel_err`` (against sequential) and ``fused_par_diff`` (relative difference to
-    parallel). Sequential columns are empty above ``skip_sequential_above`` or without ``"sequential"`` in
-    ``modes``; ``"parallel"`` always runs (the baseline). Writes ``bench_pararnn.{json,md,png}``.
+    ``fwd_bwd_speedup``, ``rel_err``, ``newton_iters``; with ``"fused"`` in ``modes`` (where it runs) also
+    ``fused_fwd_s``, ``fused_fwd_bwd_s``, ``fused_fwd_speedup`` and ``fused_fwd_bwd_speedup`` (sequential time
+    / fused time), ``fused_vs_par_fwd`` and ``fused_vs_par_fwd_bwd`` (parallel time / fused time),
+    ``fused_rel_err`` (against sequential) and ``fused_par_diff`` (relative difference to parallel).
+    Sequential columns are empty above ``skip_sequential_above`` or without ``"sequential"`` in ``modes``;
+    ``"parallel"`` always runs (the baseline). Writes ``bench_pararnn.{json,md,png}``.
     """
-    from seqzoo.ops.pararnn import pararnn
 
     if batch < 1 or hidden < 1 or repeats < 1 or any(s < 1 for s in seq_lens):
         raise ValueError(f"bench pararnn: batch, hidden, repeats and seq lens must be >= 1, got {batch}, {hidden}, {repeats}, {list(seq_lens)}")
@@ -73,10 +77,12 @@ def bench_pararnn(
     dev, dt = torch.device(device), getattr(torch, dtype)
     skipped: dict[str, str] = {}
     run_fused = "fused" in modes
-    if run_fused and dev.type != "cuda":
-        run_fused = False
-        skipped["fused"] = f"mode='fused' runs Triton kernels and is timed on CUDA only (device {device}; the CPU interpreter is for tests)"
-        print(f"bench pararnn: fused skipped: {skipped['fused']}")
+    if run_fused:
+        reason = _fused_unavailable(dev)
+        if reason:
+            run_fused = False
+            skipped["fused"] = reason
+            print(f"bench pararnn: fused skipped: {reason}")
     run_seq = "sequential" in modes
     rows: list[dict[str, Any]] = []
     for name in cells:
@@ -84,13 +90,14 @@ def bench_pararnn(
             torch.manual_seed(0)
             cell = _cell(name, hidden, num_heads).to(device=dev, dtype=dt)
             x = torch.randn(batch, seq, hidden, device=dev, dtype=dt, requires_grad=True)
+            inp = x if projection else cell.prepare(x).detach().requires_grad_(True)
 
             def run(mode: str, backward: bool) -> torch.Tensor:
                 with torch.set_grad_enabled(backward):
-                    h = pararnn(cell, x, mode=mode, max_iters=max_iters)[0]
+                    h = _apply(cell, inp, mode, max_iters, projection)
                     if backward:
                         cell.zero_grad(set_to_none=True)
-                        x.grad = None
+                        inp.grad = None
                         h.float().square().mean().backward()
                 return h
 
@@ -113,6 +120,9 @@ def bench_pararnn(
                 row["fused_fwd_s"] = time_call(lambda: run("fused", False), dev, repeats=repeats)
                 row["fused_fwd_bwd_s"] = time_call(lambda: run("fused", True), dev, repeats=repeats)
                 h_fused = run("fused", False)
+                has_seq = row["seq_fwd_s"] is not None
+                row["fused_fwd_speedup"] = row["seq_fwd_s"] / row["fused_fwd_s"] if has_seq else None
+                row["fused_fwd_bwd_speedup"] = row["seq_fwd_bwd_s"] / row["fused_fwd_bwd_s"] if has_seq else None
                 row["fused_vs_par_fwd"] = row["par_fwd_s"] / row["fused_fwd_s"]
                 row["fused_vs_par_fwd_bwd"] = row["par_fwd_bwd_s"] / row["fused_fwd_bwd_s"]
                 row["fused_rel_err"] = None if h_seq is None else _rel(h_fused, h_seq)
@@ -129,9 +139,7 @@ def bench_pararnn(
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=f"{name} {key.removesuffix('_speedup').replace('_', '+')}")
                 # The fused kernel against the same sequential time.
-                fused = "fused_" + key.removesuffix("_speedup") + "_s"
-                pts = [(r["seq_len"], r["seq_" + key.removesuffix("_speedup") + "_s"] / r[fused]) for r in rows
-                       if r["cell"] == name and r.get(fused) and r["seq_fwd_s"] is not None]  # fmt: skip
+                pts = [(r["seq_len"], r["fused_" + key]) for r in rows if r["cell"] == name and r.get("fused_" + key)]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="s", label=f"{name} fused {key.removesuffix('_speedup').replace('_', '+')}")
         ax.axhline(1.0, color="grey", lw=0.8)
@@ -145,17 +153,49 @@ def bench_pararnn(
     settings = {
         "batch": batch, "hidden": hidden, "num_heads": num_heads, "max_iters": max_iters, "device": device,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "modes": list(modes), "skipped": skipped,
+        "modes": list(modes), "skipped": skipped, "projection": projection,
     }  # fmt: skip
     columns = ["cell", "seq_len", "par_fwd_s", "seq_fwd_s", "fwd_speedup", "par_fwd_bwd_s", "seq_fwd_bwd_s", "fwd_bwd_speedup", "rel_err", "newton_iters"]
-    if run_fused:
+    if run_fused and dev.type == "cuda":
         import triton
 
         settings["triton"] = triton.__version__
-        columns += ["fused_fwd_s", "fused_fwd_bwd_s", "fused_vs_par_fwd", "fused_vs_par_fwd_bwd", "fused_rel_err", "fused_par_diff"]
-    title = f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)} ({device}, {dtype}, batch {batch}, hidden {hidden})"
+        columns += ["fused_fwd_s", "fused_fwd_bwd_s", "fused_fwd_speedup", "fused_fwd_bwd_speedup", "fused_vs_par_fwd", "fused_vs_par_fwd_bwd", "fused_rel_err", "fused_par_diff"]
+    scope = "cell with its input projection" if projection else "recurrence only"
+    title = f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)}, {scope} ({device}, {dtype}, batch {batch}, hidden {hidden})"
     write_report(out_dir, "bench_pararnn", {"settings": settings}, rows, columns, plot, title=title)
     return rows
+
+
+def _fused_unavailable(device: torch.device) -> str | None:
+    """Why ``mode="fused"`` cannot be timed on ``device``, or ``None`` when it can."""
+    if device.type == "cuda":
+        from seqzoo.ops.utils import HAS_TRITON
+
+        return None if HAS_TRITON else "mode='fused' on CUDA needs the triton package"
+    if device.type == "cpu":
+        from seqzoo.ops.pararnn.cpu_fused import CpuKernelUnavailable, library
+
+        try:
+            library()
+        except CpuKernelUnavailable as err:
+            return str(err)
+        return None
+    return f"mode='fused' has kernels for CUDA and CPU only, not {device.type}"
+
+
+def _apply(cell: torch.nn.Module, inp: torch.Tensor, mode: str, max_iters: int, projection: bool) -> torch.Tensor:
+    """The cell output ``[batch, seq, N]`` in ``mode``: through :func:`pararnn` from ``x`` (``projection``), or
+    through the solver from the projected inputs ``u`` (the recurrence alone)."""
+    from seqzoo.ops.pararnn import pararnn
+    from seqzoo.ops.pararnn.solver import NewtonConfig, fused_apply, parallel_apply, sequential_apply
+
+    if projection:
+        return pararnn(cell, inp, mode=mode, max_iters=max_iters)[0]
+    if mode == "sequential":
+        return cell.output(sequential_apply(cell, inp, None))
+    config = NewtonConfig(max_iters=max_iters)
+    return cell.output((fused_apply if mode == "fused" else parallel_apply)(cell, inp, None, config))
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"], help="pararnn: cells")
     bench.add_argument("--max-iters", type=int, default=3, help="pararnn: Newton iterations")
     bench.add_argument("--skip-sequential-above", type=int, help="pararnn: skip the sequential loop beyond this length")
-    bench.add_argument("--modes", nargs="+", default=["parallel", "sequential", "fused"], choices=["parallel", "sequential", "fused"], help="pararnn: modes to time (parallel always runs; fused needs CUDA and is skipped elsewhere, with the reason in the report)")
+    bench.add_argument("--modes", nargs="+", default=["parallel", "sequential", "fused"], choices=["parallel", "sequential", "fused"], help="pararnn: modes to time (parallel always runs; fused runs Triton on CUDA and the compiled C++ kernel on CPU, and is skipped with the reason in the report where neither runs)")
+    bench.add_argument("--no-projection", action="store_true", help="pararnn: time the recurrence alone on precomputed cell inputs (default: the whole cell, input projection included)")
     bench.add_argument("--retrieval", default="token", choices=["token", "chunk"], help="titans: our reads, per token (the paper) or per chunk (as the peer)")
     bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
 
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_pararnn(
                 out, args.cells, _default(args.seq_lens, [256, 1024, 4096, 16384]), _default(args.batch, 4), _default(args.hidden, 256),
                 _default(args.heads, 2), args.max_iters, args.device, args.dtype, args.repeats, args.skip_sequential_above, args.modes,
+                projection=not args.no_projection,
             )  # fmt: skip
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops

@@ -159,17 +159,23 @@ def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
     rows, printed = report["rows"], printed_rows(capsys.readouterr().out)
     assert [(r["cell"], r["seq_len"]) for r in rows] == [("gru", 8), ("gru", 24), ("lstm", 8), ("lstm", 24)]
     assert report["settings"]["batch"] == 2 and report["settings"]["hidden"] == 8
-    # No CUDA here: the fused mode is skipped with its reason recorded, not dropped silently.
-    if not torch.cuda.is_available():
-        assert "CUDA" in report["settings"]["skipped"]["fused"] and "fused_fwd_s" not in rows[0]
+    # On CPU the fused mode is the compiled kernel; it runs and is checked like the others.
+    assert report["settings"]["skipped"] == {} and report["settings"]["projection"] is True
     for row, cells in zip(rows, printed):
         assert float(cells[2]) == pytest.approx(row["par_fwd_s"], rel=1e-3)
+        assert row["fused_par_diff"] < 1e-5
         if row["seq_len"] == 8:
-            # max_iters >= seq: Newton is exact, so the two modes agree to rounding; the ratio is of the same run's times.
-            assert row["rel_err"] < 1e-5
+            # max_iters >= seq: Newton is exact, so the modes agree to rounding; the ratios are of the same run's times.
+            assert row["rel_err"] < 1e-5 and row["fused_rel_err"] < 1e-5
             assert row["fwd_bwd_speedup"] == pytest.approx(row["seq_fwd_bwd_s"] / row["par_fwd_bwd_s"])
+            assert row["fused_fwd_bwd_speedup"] == pytest.approx(row["seq_fwd_bwd_s"] / row["fused_fwd_bwd_s"])
         else:  # beyond --skip-sequential-above: no sequential columns
-            assert row["seq_fwd_s"] is None and row["rel_err"] is None
+            assert row["seq_fwd_s"] is None and row["rel_err"] is None and row["fused_fwd_bwd_speedup"] is None
     assert (tmp_path / "bench_pararnn.png").is_file()
+    # The recurrence alone, on precomputed inputs: the same agreement checks.
+    assert main([*argv[:-2], "--no-projection", "--modes", "parallel", "sequential", "fused", "--out", str(tmp_path / "rec")]) == 0
+    report = json.loads((tmp_path / "rec" / "bench_pararnn.json").read_text())
+    assert report["settings"]["projection"] is False
+    assert all(r["rel_err"] < 1e-5 and r["fused_rel_err"] < 1e-5 for r in report["rows"] if r["seq_len"] == 8)
     assert main(["bench", "pararnn", "--batch", "0", "--out", str(tmp_path)]) == 1
     assert "must be >= 1" in capsys.readouterr().err

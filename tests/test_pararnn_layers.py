@@ -69,9 +69,16 @@ def test_newton_with_seq_iterations_is_the_loop_even_far_from_init(name):
         assert_rel_close(stepped, loop(x), 1e-5, f"{name} decode vs loop")
 
 
-@pytest.mark.parametrize("name, mode", [(m, "parallel") for m in MIXERS] + [pytest.param(m, "fused", marks=pytest.mark.triton) for m in MIXERS])
-def test_three_newton_iterations_match_the_loop_and_its_gradients(name, mode):
-    layer = make(name, mode=mode)
+SOLVES = [dict(mode="parallel"), dict(mode="fused"), dict(mode="auto")]  # on CPU: fused is the C++ kernel
+
+
+@pytest.mark.parametrize(
+    "name, solve",
+    [(m, s) for m in MIXERS for s in SOLVES]
+    + [pytest.param(m, dict(mode="fused", fused_backend="triton"), marks=pytest.mark.triton) for m in MIXERS],
+)
+def test_three_newton_iterations_match_the_loop_and_its_gradients(name, solve):
+    layer = make(name, **solve)
     loop = make(name, mode="sequential")
     loop.load_state_dict(layer.state_dict())
     x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
@@ -139,6 +146,7 @@ def test_language_model_cache_bytes_and_greedy_generation(name):
     [
         ({"num_heads": 3}, "num_heads \\(3\\) must be >= 1 and divide"),
         ({"mode": "newton"}, "mode must be one of"),
+        ({"fused_backend": "cuda"}, "fused_backend must be one of"),
         ({"max_iters": -1}, "max_iters must be"),
         ({"init_guess": "ones"}, "init_guess must be one of"),
         ({"conv_size": 0}, "conv_size must be >= 1"),

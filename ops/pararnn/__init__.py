@@ -2,9 +2,10 @@
 
 ``pararnn(cell, x)`` runs any :class:`RecurrentCell` (ParaGRU, ParaLSTM or your own) over ``x``, either by
 Newton iterations whose linear steps are ``affine_scan``s (``mode="parallel"``), by the plain loop
-(``mode="sequential"``, for decoding and as the reference), or, for ParaGRU and ParaLSTM on CUDA, by one
-Triton kernel that runs the whole Newton loop with the Jacobians built in registers (``mode="fused"``,
-:mod:`.triton_fused`; explicit only until it has been checked and timed on a GPU).
+(``mode="sequential"``, for decoding and as the reference), or, for ParaGRU and ParaLSTM, by fused kernels
+that run the whole Newton loop with the Jacobians built in registers (``mode="fused"``): one Triton kernel on
+CUDA (:mod:`.triton_fused`), a compiled C++ kernel on CPU (:mod:`.cpu_fused`, which also fuses the backward).
+``mode="auto"`` takes the fused kernels where they apply and ``"parallel"`` elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from seqzoo.ops.pararnn.cell import STRUCTURES, RecurrentCell, autograd_jacobian
 from seqzoo.ops.pararnn.cells import ParaGRU, ParaLSTM, bounded
 from seqzoo.ops.pararnn.solver import (
+    FUSED_BACKENDS,
     NewtonConfig,
     NewtonInfo,
     adjoint_solve,
@@ -23,11 +25,13 @@ from seqzoo.ops.pararnn.solver import (
     linear_solve,
     newton_solve,
     parallel_apply,
+    resolve_fused_backend,
     sequential_apply,
 )
 from seqzoo.ops.utils import BACKENDS, HAS_TRITON, TRITON_INTERPRET, check_float, check_shape, fail
 
 __all__ = [
+    "FUSED_BACKENDS",
     "NewtonConfig",
     "NewtonInfo",
     "ParaGRU",
@@ -44,7 +48,7 @@ __all__ = [
 ]
 
 _OP = "pararnn"
-MODES = ("parallel", "sequential", "fused")
+MODES = ("auto", "parallel", "sequential", "fused")
 
 
 def pararnn(
@@ -62,6 +66,7 @@ def pararnn(
     output_final_state: bool = False,
     return_info: bool = False,
     chunk_size: int | None = None,
+    fused_backend: str = "auto",
 ):
     """Apply ``cell`` to a sequence: ``h_t = f(h_{t-1}, u_t)`` with ``u = cell.prepare(x)``.
 
@@ -70,9 +75,10 @@ def pararnn(
         x: ``[batch, seq, input]`` floating point.
         initial: ``h_{-1}`` as ``[batch, cell.state_size]`` (zeros if ``None``); receives gradients.
         mode: ``"parallel"`` (Newton + scans, adjoint backward), ``"sequential"`` (loop + autograd) or
-            ``"fused"`` (ParaGRU/ParaLSTM only, CUDA or ``TRITON_INTERPRET=1``: the whole Newton solve in one
-            Triton kernel, fp32 or fp64 compute, the adjoint in another, then the same VJP as ``"parallel"``;
-            ``scan_backend`` and ``tol`` do not apply).
+            ``"fused"`` (ParaGRU/ParaLSTM only: the whole Newton solve in one kernel, fp32 or fp64 compute, the
+            same math and implicit backward as ``"parallel"``; ``scan_backend`` and ``tol`` do not apply), or
+            ``"auto"``: ``"fused"`` when the cell has fused kernels, ``tol`` is ``None`` and the kernels run
+            here (CUDA with Triton, or CPU with the C++ kernel built), else ``"parallel"``.
         max_iters: Newton iterations (fixed unless ``tol`` stops earlier); ``seq`` iterations are exact.
         omega: step damping ``H ← H + ω δ``.
         init_guess: ``"f0"`` (``f(0, u_t)`` for all ``t``) or ``"zeros"``.
@@ -82,7 +88,10 @@ def pararnn(
         output_final_state: also return the last state ``[batch, state_size]`` (for decoding after a prompt).
         return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate; ``None`` in sequential
             mode; in fused mode only the final residual, with ``check_residual``).
-        chunk_size: time tile of the fused kernels (rounded up to a power of two; ``None``: their default).
+        chunk_size: time tile of the fused Triton kernels (rounded up to a power of two; ``None``: their default).
+        fused_backend: the kernels of ``mode="fused"``: ``"auto"`` (Triton for CUDA tensors, the compiled C++
+            kernel for CPU tensors), ``"triton"`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or
+            ``"cpu"`` (built on first use; needs a C++ compiler and ninja).
 
     Returns:
         ``(y, final)`` or ``(y, final, info)``: ``y = cell.output(H)`` (``[batch, seq, N]``), ``final`` the full
@@ -109,15 +118,19 @@ def pararnn(
         fail(_OP, f"unknown scan_backend {scan_backend!r}; choose one of {', '.join(BACKENDS)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         fail(_OP, f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if fused_backend not in FUSED_BACKENDS:
+        fail(_OP, f"fused_backend must be one of {', '.join(FUSED_BACKENDS)}, got {fused_backend!r}")
+    if mode == "auto":
+        mode = "fused" if _fused_runs(cell, x, initial, tol, resolve_fused_backend(fused_backend, x)) else "parallel"
     if mode == "fused":
-        _check_fused(cell, x, initial, tol)
+        _check_fused(cell, x, initial, tol, resolve_fused_backend(fused_backend, x))
 
     u = cell.prepare(x)
     info = None
     if mode == "sequential":
         h = sequential_apply(cell, u, initial)
     else:
-        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual, chunk_size)
+        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual, chunk_size, fused_backend)
         info = NewtonInfo()
         h = (fused_apply if mode == "fused" else parallel_apply)(cell, u, initial, config, info)
     y = cell.output(h)
@@ -125,12 +138,35 @@ def pararnn(
     return (y, final, info) if return_info else (y, final)
 
 
-def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None) -> None:
+def _fused_runs(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None, backend: str) -> bool:
+    """Whether ``mode="fused"`` would run here (what ``mode="auto"`` asks; builds the CPU kernel on first use)."""
+    if fused_kind(cell) is None or tol is not None:
+        return False
+    devices = {x.device.type} | ({initial.device.type} if initial is not None else set())
+    if backend == "cpu":
+        from seqzoo.ops.pararnn.cpu_fused import available
+
+        return devices == {"cpu"} and available()
+    return HAS_TRITON and devices == {"cuda"}
+
+
+def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None, backend: str) -> None:
     if fused_kind(cell) is None:
         fail(_OP, f"mode='fused' has kernels for ParaGRU and ParaLSTM only, not {type(cell).__name__}; use mode='parallel'")
-    if not HAS_TRITON:
-        fail(_OP, "mode='fused' needs the triton package (pip install triton)")
-    if not (x.is_cuda and (initial is None or initial.is_cuda)) and not TRITON_INTERPRET:
-        fail(_OP, f"mode='fused' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got x on {x.device}")
     if tol is not None:
         fail(_OP, "mode='fused' runs exactly max_iters iterations; tol is not supported (use mode='parallel')")
+    on_cuda = x.is_cuda and (initial is None or initial.is_cuda)
+    if backend == "cpu":
+        from seqzoo.ops.pararnn.cpu_fused import CpuKernelUnavailable, library
+
+        if x.device.type != "cpu" or (initial is not None and initial.device.type != "cpu"):
+            fail(_OP, f"fused_backend='cpu' needs CPU tensors, got x on {x.device}")
+        try:
+            library()
+        except CpuKernelUnavailable as err:
+            fail(_OP, f"mode='fused' on CPU: {err}; use mode='parallel'")
+        return
+    if not HAS_TRITON:
+        fail(_OP, "mode='fused' with Triton needs the triton package (pip install triton)")
+    if not on_cuda and not TRITON_INTERPRET:
+        fail(_OP, f"fused_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got x on {x.device}")

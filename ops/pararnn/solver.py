@@ -16,6 +16,8 @@ gradient ``g``, ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` (one reverse ``affine_scan`
 
 :class:`FusedNewtonFunction` is the same solve and backward for ParaGRU/ParaLSTM with the Newton loop and the
 adjoint recurrence each in one Triton kernel (:mod:`.triton_fused`); only the final VJP stays in PyTorch.
+:class:`CpuFusedNewtonFunction` is its CPU counterpart, a compiled C++ kernel (:mod:`.cpu_fused`) that also
+does the VJP, so its backward runs no autograd at all.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class NewtonConfig:
     """Newton settings: fixed ``max_iters`` (ParaRNN uses 3), damping ``omega`` (< 1 damps), the initial
     guess ``"f0"`` (``h_t = f(0, u_t)``, all ``t`` in parallel) or ``"zeros"``, an optional early stop when
     the residual's max-norm is ``<= tol``, the scan backend, and whether to evaluate the final residual
-    (one extra ``step``), and the time tile of the fused kernels (``None``: their default)."""
+    (one extra ``step``), the time tile of the fused Triton kernels (``None``: their default), and which fused
+    kernels run (``"auto"``: Triton on CUDA, the compiled C++ kernel on CPU; ``"triton"``; ``"cpu"``)."""
 
     max_iters: int = 3
     omega: float = 1.0
@@ -56,6 +59,17 @@ class NewtonConfig:
     scan_backend: str = "auto"
     check_residual: bool = False
     chunk_size: int | None = None
+    fused_backend: str = "auto"
+
+
+FUSED_BACKENDS = ("auto", "triton", "cpu")
+
+
+def resolve_fused_backend(backend: str, u: torch.Tensor) -> str:
+    """``"triton"`` or ``"cpu"``: ``"auto"`` is Triton for CUDA tensors and the C++ kernel for CPU tensors."""
+    if backend == "auto":
+        return "triton" if u.is_cuda else "cpu"
+    return backend
 
 
 def shift_states(h: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
@@ -276,7 +290,7 @@ class FusedNewtonFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cell, config, kind, info, u, initial, *params):  # type: ignore[override]
+    def forward(ctx, cell, config, kind, u, initial, *params):  # type: ignore[override]
         from seqzoo.ops.pararnn.triton_fused import fused_newton
 
         compute = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -284,12 +298,6 @@ class FusedNewtonFunction(torch.autograd.Function):
         init = None if initial is None else initial.to(compute)
         zero_guess = config.init_guess == "zeros"
         h = fused_newton(kind, u.to(compute), rec, peep, init, config.max_iters, config.omega, zero_guess, config.chunk_size)
-        if info is not None:
-            info.iterations = config.max_iters
-            info.residuals = []
-            if config.check_residual:
-                with torch.no_grad():
-                    info.residuals = [float((cell.step(shift_states(h, init), u.to(compute)) - h).abs().amax())]
         ctx.save_for_backward(u, initial, h)
         ctx.cell, ctx.config, ctx.kind = cell, config, kind
         return h.to(u.dtype)
@@ -307,8 +315,46 @@ class FusedNewtonFunction(torch.autograd.Function):
             lam = fused_adjoint(kind, u.to(h.dtype), rec, peep, h, grad_h, ctx.config.chunk_size)
         needs = ctx.needs_input_grad
         params = cell.recurrent_parameters()
-        grads = step_vjp(cell, params, u, initial, h, lam, needs[4], needs[5], needs[6:])
-        return (None, None, None, None, *grads)
+        grads = step_vjp(cell, params, u, initial, h, lam, needs[3], needs[4], needs[5:])
+        return (None, None, None, *grads)
+
+
+class CpuFusedNewtonFunction(torch.autograd.Function):
+    """The fused solve on CPU tensors through the compiled kernel of :mod:`.cpu_fused`.
+
+    Forward: the initial guess and ``max_iters`` Newton iterations, one pass over time each. Backward: one
+    reverse pass gives ``λ`` and the VJP of ``step`` with it (``du``, the gradients of the bounded recurrent
+    and peephole vectors, of ``initial``). It takes the *bounded* vectors as inputs, so autograd carries their
+    gradients on to the raw parameters. Computes in fp32 (fp64 for fp64 inputs); saves ``u``, the vectors,
+    ``initial`` and ``H``.
+    """
+
+    @staticmethod
+    def forward(ctx, kind, config, u, rec, peep, initial):  # type: ignore[override]
+        from seqzoo.ops.pararnn.cpu_fused import newton_forward
+
+        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+        def prep(t):
+            return None if t is None else t.detach().to(compute).contiguous()
+
+        u_c, rec_c, peep_c, init_c = prep(u), prep(rec), prep(peep), prep(initial)
+        h = newton_forward(kind, u_c, rec_c, peep_c, init_c, config.max_iters, config.omega, config.init_guess == "zeros")
+        ctx.save_for_backward(u_c, rec_c, peep_c, init_c, h)
+        ctx.kind = kind
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, rec, peep, initial)]
+        return h.to(u.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h):  # type: ignore[override]
+        from seqzoo.ops.pararnn.cpu_fused import newton_backward
+
+        u, rec, peep, initial, h = ctx.saved_tensors
+        grad = grad_h.to(h.dtype).contiguous()
+        grads = newton_backward(ctx.kind, u, rec, peep, initial, h, grad, ctx.needs_input_grad[5])
+        cast = [None if g is None or not need else g.to(dt) for g, need, dt in zip(grads, ctx.needs_input_grad[2:], ctx.dtypes)]
+        return (None, None, *cast)
 
 
 def fused_apply(
@@ -318,7 +364,8 @@ def fused_apply(
     config: NewtonConfig,
     info: NewtonInfo | None = None,
 ) -> torch.Tensor:
-    """:func:`parallel_apply` through the fused Triton kernels (ParaGRU and ParaLSTM only, see :func:`fused_kind`).
+    """:func:`parallel_apply` through the fused kernels (ParaGRU and ParaLSTM only, see :func:`fused_kind`):
+    Triton or the compiled CPU kernel, as ``config.fused_backend`` resolves for ``u``'s device.
 
     Runs exactly ``config.max_iters`` iterations (no ``tol``); ``info.residuals`` holds only the final
     residual, and only with ``config.check_residual``.
@@ -326,4 +373,21 @@ def fused_apply(
     kind = fused_kind(cell)
     if kind is None:
         raise ValueError(f"no fused kernel for {type(cell).__name__}")
-    return FusedNewtonFunction.apply(cell, config, kind, info, u, initial, *cell.recurrent_parameters())
+    if resolve_fused_backend(config.fused_backend, u) == "triton":
+        h = FusedNewtonFunction.apply(cell, config, kind, u, initial, *cell.recurrent_parameters())
+    else:
+        from seqzoo.ops.pararnn.cells import bounded
+
+        rec = bounded(cell.recurrent, cell.recurrent_bound)
+        peep = bounded(cell.peephole, cell.recurrent_bound) if kind == "lstm" else None
+        h = CpuFusedNewtonFunction.apply(kind, config, u, rec, peep, initial)
+    if info is not None:
+        info.iterations = config.max_iters
+        info.residuals = []
+        if config.check_residual:
+            with torch.no_grad():
+                compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+                init = None if initial is None else initial.to(compute)
+                hc = h.to(compute)
+                info.residuals = [float((cell.step(shift_states(hc, init), u.to(compute)) - hc).abs().amax())]
+    return h

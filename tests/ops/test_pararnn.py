@@ -292,8 +292,10 @@ def test_triton_scan_backend(cell_cls):
     assert_rel_close(xx.grad, xs.grad, 1e-4)
 
 
-# Fused kernels (mode="fused"): under the interpreter with small tiles, so 37 steps span three time tiles.
+# Fused Triton kernels (mode="fused", fused_backend="triton"): under the interpreter with small tiles, so 37
+# steps span three time tiles.
 FUSED_CHUNK = 16
+TRITON = dict(mode="fused", fused_backend="triton")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -303,7 +305,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 @pytest.mark.parametrize("seq", [1, 37])
 def test_fused_equals_parallel(cell_cls, dtype, seq):
     cell, x, h0 = make(cell_cls, input_size=8, hidden=8, seq=seq, dtype=dtype)
-    out, final, info = pararnn(cell, x, initial=h0, mode="fused", max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True)
+    out, final, info = pararnn(cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True)
     ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", max_iters=3, output_final_state=True)
     assert out.dtype == dtype and info.iterations == 3
     assert_rel_close(out, ref, TOL[dtype])
@@ -315,7 +317,7 @@ def test_fused_equals_parallel(cell_cls, dtype, seq):
 def test_fused_zero_guess_damping_no_initial_and_residual(cell_cls):
     cell, x, _ = make(cell_cls, input_size=8, hidden=8, seq=37, scale=5.0)
     kw = dict(max_iters=4, omega=0.7, init_guess="zeros", check_residual=True, return_info=True)
-    out, _, info = pararnn(cell, x, mode="fused", chunk_size=8, **kw)
+    out, _, info = pararnn(cell, x, **TRITON, chunk_size=8, **kw)
     ref, _, ref_info = pararnn(cell, x, mode="parallel", **kw)
     assert_rel_close(out, ref, 1e-12)
     assert info.residuals == pytest.approx(ref_info.residuals[-1:], rel=1e-9)
@@ -330,9 +332,9 @@ def test_fused_seq_iterations_is_sequential(cell_cls, dtype):
     big = dict(bound=None, scale=30.0) if dtype == torch.float64 else {}
     cell, x, h0 = make(cell_cls, input_size=8, hidden=8, batch=1, seq=12, dtype=dtype, **big)
     ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
-    out, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=12, chunk_size=4)
+    out, _ = pararnn(cell, x, initial=h0, **TRITON, max_iters=12, chunk_size=4)
     if big:
-        three, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=3, chunk_size=4)
+        three, _ = pararnn(cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=4)
         assert rel_err(three, ref) > 1e-6, "the test needs a case Newton does not solve in 3 steps"
     assert_rel_close(out, ref, TOL[dtype])
 
@@ -351,7 +353,7 @@ def test_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
         ((y * w).sum() + final.sum()).backward()
         return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
 
-    got = grads(cell, "fused", max_iters=6, chunk_size=FUSED_CHUNK)
+    got = grads(cell, "fused", fused_backend="triton", max_iters=6, chunk_size=FUSED_CHUNK)
     ref = grads(cell_seq, "sequential")
     assert len(got) == 2 + len(list(cell.parameters()))
     for g, r in zip(got, ref):
@@ -362,7 +364,7 @@ def test_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
 def test_fused_low_precision_input_computes_in_fp32():
     cell, x, h0 = make(ParaGRU, input_size=8, hidden=8, seq=9, dtype=torch.float32)
     xb = x.bfloat16().requires_grad_(True)
-    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), mode="fused", max_iters=9, chunk_size=4)
+    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), **TRITON, max_iters=9, chunk_size=4)
     y.float().sum().backward()
     ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), mode="sequential")
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
@@ -387,12 +389,133 @@ def test_fused_errors_are_one_line(monkeypatch):
     ]
     for c, kwargs, message in cases:
         with pytest.raises(OpInputError, match=message) as err:
-            pararnn(c, x, mode="fused", **kwargs)
+            pararnn(c, x, **TRITON, **kwargs)
         assert "\n" not in str(err.value)
     monkeypatch.setattr(pr, "TRITON_INTERPRET", False)
     with pytest.raises(OpInputError, match="needs CUDA tensors") as err:
+        pararnn(cell, x, **TRITON)
+    assert "\n" not in str(err.value)
+
+
+# The compiled CPU kernel (mode="fused" on CPU tensors; fused_backend "auto" resolves to "cpu"). Hidden 22 is
+# one full 16-channel work item and a 6-channel tail per sequence, so both compiled widths run.
+CPU_HIDDEN = 22
+
+
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seq", [1, 37])
+def test_cpu_fused_equals_parallel(cell_cls, dtype, seq):
+    # Same three Newton iterates as the PyTorch solve, from an initial state, with the final state.
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, batch=3, seq=seq, dtype=dtype)
+    out, final, info = pararnn(cell, x, initial=h0, mode="fused", output_final_state=True, return_info=True)
+    ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", output_final_state=True)
+    assert out.dtype == dtype and info.iterations == 3
+    assert_rel_close(out, ref, TOL[dtype])
+    assert_rel_close(final, ref_final, TOL[dtype], "final state")
+
+
+@pytest.mark.parametrize("cell_cls", CELLS)
+def test_cpu_fused_zero_guess_damping_no_initial_and_residual(cell_cls):
+    cell, x, _ = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, seq=37, scale=5.0)
+    kw = dict(max_iters=4, omega=0.7, init_guess="zeros", check_residual=True, return_info=True)
+    out, _, info = pararnn(cell, x, mode="fused", **kw)
+    ref, _, ref_info = pararnn(cell, x, mode="parallel", **kw)
+    assert_rel_close(out, ref, 1e-12)
+    assert info.residuals == pytest.approx(ref_info.residuals[-1:], rel=1e-9)
+
+
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fused_seq_iterations_is_sequential(cell_cls, dtype):
+    # fp64: unbounded and scaled up, so only causality (k iterations fix h_0..h_k) makes it exact.
+    big = dict(bound=None, scale=30.0) if dtype == torch.float64 else {}
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, batch=2, seq=12, dtype=dtype, **big)
+    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
+    out, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=12)
+    if big:
+        three, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=3)
+        assert rel_err(three, ref) > 1e-6, "the test needs a case Newton does not solve in 3 steps"
+    assert_rel_close(out, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("cell_cls", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
+    # The kernel's own backward (adjoint and VJP, no autograd) against autograd through the token loop.
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, batch=3, seq=37, dtype=dtype)
+    cell_seq = copy.deepcopy(cell)
+    w = torch.randn(3, 37, cell.hidden_size, dtype=dtype)
+
+    def grads(c, mode, **kw):
+        xx, hh = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+        y, final = pararnn(c, xx, initial=hh, mode=mode, output_final_state=True, **kw)
+        ((y * w).sum() + final.sum()).backward()
+        return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
+
+    got = grads(cell, "fused", max_iters=6)
+    ref = grads(cell_seq, "sequential")
+    assert len(got) == 2 + len(list(cell.parameters()))
+    for g, r in zip(got, ref):
+        assert_rel_close(g, r, 1e-4 if dtype == torch.float32 else 1e-10, "gradient")
+
+
+@pytest.mark.parametrize("cell_cls", CELLS)
+def test_cpu_fused_does_not_depend_on_the_thread_count(cell_cls):
+    # Work items split across threads; parameter gradients are per-sequence sums added in a fixed order.
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=70, batch=3, seq=29, dtype=torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            cell.zero_grad()
+            hh = h0.clone().requires_grad_(True)
+            y, _ = pararnn(cell, x, initial=hh, mode="fused")
+            y.square().sum().backward()
+            results.append([y.detach(), hh.grad] + [p.grad.clone() for p in cell.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_cpu_fused_low_precision_input_computes_in_fp32():
+    cell, x, h0 = make(ParaLSTM, input_size=8, hidden=CPU_HIDDEN, seq=9, dtype=torch.float32)
+    xb = x.bfloat16().requires_grad_(True)
+    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), mode="fused", max_iters=9)
+    y.float().sum().backward()
+    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), mode="sequential")
+    assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.bfloat16 for p in cell.parameters())
+    assert_rel_close(y, ref, 2e-2)
+
+
+def test_auto_mode_takes_the_fused_kernel_where_it_runs(monkeypatch):
+    solver = importlib.import_module("seqzoo.ops.pararnn.solver")
+    pr = importlib.import_module("seqzoo.ops.pararnn")
+    calls = []
+    for name in ("fused_apply", "parallel_apply"):
+        real = getattr(solver, name)
+        monkeypatch.setattr(pr, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    gru, x, _ = make(ParaGRU)
+    elman = ElmanCell(6, 4).double()
+    pararnn(gru, x, mode="auto")
+    pararnn(gru, x, mode="auto", tol=1e-9)  # tol is a parallel-mode feature
+    pararnn(elman, x, mode="auto")  # no fused kernel for this cell
+    assert calls == ["fused_apply", "parallel_apply", "parallel_apply"]
+
+
+def test_cpu_kernel_that_cannot_build_is_one_line_error_and_auto_falls_back(monkeypatch):
+    cpu_fused = importlib.import_module("seqzoo.ops.pararnn.cpu_fused")
+    monkeypatch.setattr(cpu_fused, "_BUILD", {"error": "cannot build the CPU ParaRNN kernel (no compiler)"})
+    cell, x, _ = make(ParaGRU)
+    with pytest.raises(OpInputError, match="no compiler.*use mode='parallel'") as err:
         pararnn(cell, x, mode="fused")
     assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match="uses mode='parallel'"):
+        y, _ = pararnn(cell, x, mode="auto")
+    assert_rel_close(y, pararnn(cell, x, mode="parallel")[0], 1e-15)
 
 
 def test_input_errors():
@@ -405,6 +528,7 @@ def test_input_errors():
         (dict(max_iters=-1), "max_iters"),
         (dict(omega=0.0), "omega"),
         (dict(scan_backend="cuda"), "scan_backend"),
+        (dict(fused_backend="cuda"), "fused_backend"),
         (dict(x=x[:, :0]), "seq >= 1"),
     ]
     for kwargs, message in cases:
