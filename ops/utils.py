@@ -166,3 +166,42 @@ def autotune_configs(configs: list) -> list:
     """The Triton autotune configs to try: only the first under the interpreter (it cannot benchmark)
     or with ``SEQZOO_AUTOTUNE=0``; the first config must therefore be valid for every shape."""
     return configs[:1] if TRITON_INTERPRET or not AUTOTUNE else configs
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
+
+
+def _madvise():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADVISE = _madvise()
+
+
+def empty_huge(*shape: int, like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty(shape)`` with ``like``'s dtype and device; on Linux CPU, large buffers get transparent huge pages.
+
+    glibc gives every allocation above 32 MiB fresh ``mmap`` memory and returns it on free, so each such
+    buffer is page-faulted 4 KiB at a time as it is first written: about 16 ms per 48 MiB on the 2-core VM
+    of ``benchmarks/RESULTS.md``, as long as the kernel that fills it. ``madvise(MADV_HUGEPAGE)`` on the
+    untouched buffer makes those faults 2 MiB each. A hint only: ignored where THP is off, never an error.
+    """
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    nbytes = out.numel() * out.element_size()
+    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 8 * _HUGE_PAGE:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_HUGEPAGE)
+    return out

@@ -41,6 +41,7 @@ __all__ = [
     "autograd_jacobian",
     "bounded",
     "expand_jacobian",
+    "fused_apply",
     "fused_kind",
     "linear_solve",
     "newton_solve",

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from seqzoo.ops.utils import empty_huge
+
 SOURCE = Path(__file__).with_name("csrc") / "newton_cpu.cpp"
 _FLOATS = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -131,7 +133,7 @@ def newton_forward(
     """
     batch, seq, _, hidden = u.shape
     suffix = _FLOATS[u.dtype]
-    out = torch.empty(batch, seq, hidden if kind == "gru" else 2 * hidden, dtype=u.dtype)
+    out = empty_huge(batch, seq, hidden if kind == "gru" else 2 * hidden, like=u)
     lib = library()
     common = (seq, hidden, max_iters, float(omega), int(zero_guess))
     if kind == "gru":
@@ -161,7 +163,7 @@ def newton_backward(
     """
     batch, seq, _, hidden = u.shape
     suffix = _FLOATS[u.dtype]
-    du = torch.empty_like(u)
+    du = empty_huge(*u.shape, like=u)
     drec = u.new_empty(batch, 3, hidden)
     dpeep = u.new_empty(batch, 2, hidden) if kind == "lstm" else None
     dinit = torch.empty_like(h[:, 0]) if want_initial else None

@@ -16,6 +16,7 @@ from seqzoo.ops.pararnn import (
     RecurrentCell,
     autograd_jacobian,
     expand_jacobian,
+    fused_apply,
     linear_solve,
     newton_solve,
     pararnn,
@@ -462,18 +463,20 @@ def test_cpu_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
 
 @pytest.mark.parametrize("cell_cls", CELLS)
 def test_cpu_fused_does_not_depend_on_the_thread_count(cell_cls):
-    # Work items split across threads; parameter gradients are per-sequence sums added in a fixed order.
+    # Work items split across threads; parameter gradients are per-sequence sums added in a fixed order. (The
+    # solve alone: the input projection's BLAS calls may round differently with another thread count.)
     cell, x, h0 = make(cell_cls, input_size=8, hidden=70, batch=3, seq=29, dtype=torch.float32)
+    u = cell.prepare(x).detach()
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             cell.zero_grad()
-            hh = h0.clone().requires_grad_(True)
-            y, _ = pararnn(cell, x, initial=hh, mode="fused")
+            uu, hh = u.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+            y = fused_apply(cell, uu, hh, NewtonConfig())
             y.square().sum().backward()
-            results.append([y.detach(), hh.grad] + [p.grad.clone() for p in cell.parameters()])
+            results.append([y.detach(), uu.grad, hh.grad] + [p.grad.clone() for p in cell.recurrent_parameters()])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -516,6 +519,22 @@ def test_cpu_kernel_that_cannot_build_is_one_line_error_and_auto_falls_back(monk
     with pytest.warns(UserWarning, match="uses mode='parallel'"):
         y, _ = pararnn(cell, x, mode="auto")
     assert_rel_close(y, pararnn(cell, x, mode="parallel")[0], 1e-15)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_multi_head_projection_equals_einsum_and_gradchecks(heads):
+    # The cells' input projection (a custom Function writing straight into [B, T, gates, N]) against the
+    # plain block-diagonal einsum, and its backward against finite differences.
+    from seqzoo.ops.pararnn.cells import MultiHeadProjection
+
+    torch.manual_seed(0)
+    batch, seq, d_in, n = 2, 5, 4 * heads, 3 * heads
+    x = torch.randn(batch, seq, d_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(heads, d_in // heads, 3, n // heads, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    ref = torch.einsum("bthd,hdgn->btghn", x.reshape(batch, seq, heads, -1), weight).reshape(batch, seq, 3, n) + bias
+    assert torch.allclose(MultiHeadProjection.apply(x, weight, bias), ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(MultiHeadProjection.apply, (x, weight, bias))
 
 
 def test_input_errors():
