@@ -160,6 +160,7 @@ def bench_pararnn(
         import triton
 
         settings["triton"] = triton.__version__
+    if run_fused:
         columns += ["fused_fwd_s", "fused_fwd_bwd_s", "fused_fwd_speedup", "fused_fwd_bwd_speedup", "fused_vs_par_fwd", "fused_vs_par_fwd_bwd", "fused_rel_err", "fused_par_diff"]
     scope = "cell with its input projection" if projection else "recurrence only"
     title = f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)}, {scope} ({device}, {dtype}, batch {batch}, hidden {hidden})"

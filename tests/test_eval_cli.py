@@ -172,6 +172,7 @@ def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
         else:  # beyond --skip-sequential-above: no sequential columns
             assert row["seq_fwd_s"] is None and row["rel_err"] is None and row["fused_fwd_bwd_speedup"] is None
     assert (tmp_path / "bench_pararnn.png").is_file()
+    assert "fused_fwd_bwd_speedup" in (tmp_path / "bench_pararnn.md").read_text()
     # The recurrence alone, on precomputed inputs: the same agreement checks.
     assert main([*argv[:-2], "--no-projection", "--modes", "parallel", "sequential", "fused", "--out", str(tmp_path / "rec")]) == 0
     report = json.loads((tmp_path / "rec" / "bench_pararnn.json").read_text())

@@ -156,7 +156,6 @@ def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | N
         fail(_OP, f"mode='fused' has kernels for ParaGRU and ParaLSTM only, not {type(cell).__name__}; use mode='parallel'")
     if tol is not None:
         fail(_OP, "mode='fused' runs exactly max_iters iterations; tol is not supported (use mode='parallel')")
-    on_cuda = x.is_cuda and (initial is None or initial.is_cuda)
     if backend == "cpu":
         from seqzoo.ops.pararnn.cpu_fused import CpuKernelUnavailable, library
 
@@ -169,5 +168,5 @@ def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | N
         return
     if not HAS_TRITON:
         fail(_OP, "mode='fused' with Triton needs the triton package (pip install triton)")
-    if not on_cuda and not TRITON_INTERPRET:
+    if not (x.is_cuda and (initial is None or initial.is_cuda)) and not TRITON_INTERPRET:
         fail(_OP, f"fused_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got x on {x.device}")
