@@ -483,6 +483,17 @@ def test_cpu_fused_does_not_depend_on_the_thread_count(cell_cls):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+@pytest.mark.parametrize("cell_cls", CELLS)
+def test_cpu_fused_saturated_gates_stay_finite_and_match(cell_cls):
+    # Inputs of magnitude ~100 push every gate into saturation: the kernel's inlined exp clamps its argument,
+    # so σ and tanh reach their limits without inf or NaN, as torch's do.
+    cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, seq=37, dtype=torch.float32)
+    x = 100.0 * x
+    out, _ = pararnn(cell, x, initial=h0, mode="fused")
+    ref, _ = pararnn(cell, x, initial=h0, mode="parallel")
+    assert_rel_close(out, ref, 1e-5)
+
+
 def test_cpu_fused_low_precision_input_computes_in_fp32():
     cell, x, h0 = make(ParaLSTM, input_size=8, hidden=CPU_HIDDEN, seq=9, dtype=torch.float32)
     xb = x.bfloat16().requires_grad_(True)
