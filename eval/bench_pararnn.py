@@ -68,7 +68,6 @@ def bench_pararnn(
     Sequential columns are empty above ``skip_sequential_above`` or without ``"sequential"`` in ``modes``;
     ``"parallel"`` always runs (the baseline). Writes ``bench_pararnn.{json,md,png}``.
     """
-
     if batch < 1 or hidden < 1 or repeats < 1 or any(s < 1 for s in seq_lens):
         raise ValueError(f"bench pararnn: batch, hidden, repeats and seq lens must be >= 1, got {batch}, {hidden}, {repeats}, {list(seq_lens)}")
     unknown = [m for m in modes if m not in MODES]

@@ -25,8 +25,11 @@ def bounded(raw: torch.Tensor, bound: float | None) -> torch.Tensor:
 
 
 class MultiHeadProjection(torch.autograd.Function):
-    """``u[b, t, g, h·n + j] = Σ_d x[b, t, h·d + d'] W[h, d', g, j] + bias[g, h·n + j]``, written straight into
-    the cells' ``[B, T, gates, N]`` layout.
+    """The cells' block-diagonal input projection, written straight into their ``[B, T, gates, N]`` layout::
+
+        u[b, t, g, h·n + j] = Σ_i x[b, t, h·m + i] · W[h, i, g, j] + bias[g, h·n + j]
+
+    for ``x [B, T, D]``, ``W [H, m, gates, n]`` (``m = D/H``, ``n = N/H``), ``bias [gates, N]``.
 
     ``einsum`` followed by the bias add made three full-size copies of ``u`` (permutes, then the add) and the
     backward two more; on CPU every fresh ``u``-sized buffer also costs its page faults. Here ``u`` starts as

@@ -322,7 +322,7 @@ class FusedNewtonFunction(torch.autograd.Function):
 class CpuFusedNewtonFunction(torch.autograd.Function):
     """The fused solve on CPU tensors through the compiled kernel of :mod:`.cpu_fused`.
 
-    Forward: the initial guess and ``max_iters`` Newton iterations, one pass over time each. Backward: one
+    Forward: the initial guess and all ``max_iters`` Newton iterations in one pass over time. Backward: one
     reverse pass gives ``λ`` and the VJP of ``step`` with it (``du``, the gradients of the bounded recurrent
     and peephole vectors, of ``initial``). It takes the *bounded* vectors as inputs, so autograd carries their
     gradients on to the raw parameters. Computes in fp32 (fp64 for fp64 inputs); saves ``u``, the vectors,
