@@ -120,6 +120,11 @@ def check_state(op: str, name: str, state: torch.Tensor | None, expected: Sequen
     check_shape(op, name, state, expected)
 
 
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64 (so tests can reach ~1e-12), fp32 otherwise (also for bf16/fp16)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def default_scale(scale: float | None, key_dim: int) -> float:
     """The query scale, ``key_dim ** -0.5`` unless given."""
     return key_dim**-0.5 if scale is None else float(scale)

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from seqzoo.ops.gated_delta_rule.reference import compute_dtype
-from seqzoo.ops.utils import l2norm
+from seqzoo.ops.utils import compute_dtype, l2norm
 
 DEFAULT_CHUNK_SIZE = 64
 

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.utils import for_each_sequence, l2norm
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64 (so tests can reach ~1e-12), fp32 otherwise."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+from seqzoo.ops.utils import compute_dtype, for_each_sequence, l2norm
 
 
 def gated_delta_rule_reference(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs, l2norm
+from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs, compute_dtype, l2norm
 
 BT = 64  # chunk length: four 16-row sub-blocks for the blocked inverse
 BC = 16  # sub-block of the inverse (every dot keeps K >= 16, as the NVIDIA backend requires)
@@ -1032,10 +1032,6 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, dg, None, dh0, None, None
 
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _as_kernel_input(t: torch.Tensor | None, dtype: torch.dtype, on_gpu: bool) -> torch.Tensor | None:
     if t is None:
         return None
@@ -1070,7 +1066,7 @@ def chunk_gated_delta_rule_triton(
     if key_dim > MAX_KEY_DIM:
         raise ValueError(f"gated_delta_rule: the Triton backend supports key_dim <= {MAX_KEY_DIM}, got {key_dim}")
     out_dtype = q.dtype
-    dt = _compute_dtype(q, k, v, beta, g, initial_state)
+    dt = compute_dtype(q, k, v, beta, g, initial_state)
     if use_qk_l2norm:
         q, k = l2norm(q.to(dt)), l2norm(k.to(dt))
     # Saved for the backward and re-read by several kernels: one upcast here (interpreter: no bf16 math at all).
@@ -1117,7 +1113,7 @@ def fused_recurrent_gated_delta_rule(
     if key_dim > MAX_KEY_DIM:
         raise ValueError(f"gated_delta_rule: the Triton backend supports key_dim <= {MAX_KEY_DIM}, got {key_dim}")
     out_dtype = q.dtype
-    dt = _compute_dtype(q, k, v, beta, g, initial_state)
+    dt = compute_dtype(q, k, v, beta, g, initial_state)
     on_gpu = q.is_cuda and not TRITON_INTERPRET
     if use_qk_l2norm:
         q, k = l2norm(q.to(dt)), l2norm(k.to(dt))

@@ -28,6 +28,7 @@ import torch
 
 from seqzoo.ops.affine_scan import adjoint_coeff, affine_scan
 from seqzoo.ops.pararnn.cell import RecurrentCell
+from seqzoo.ops.utils import compute_dtype
 
 
 @dataclass
@@ -293,7 +294,7 @@ class FusedNewtonFunction(torch.autograd.Function):
     def forward(ctx, cell, config, kind, u, initial, *params):  # type: ignore[override]
         from seqzoo.ops.pararnn.triton_fused import fused_newton
 
-        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(u)
         rec, peep = _fused_vectors(cell, kind, compute)
         init = None if initial is None else initial.to(compute)
         zero_guess = config.init_guess == "zeros"
@@ -333,7 +334,7 @@ class CpuFusedNewtonFunction(torch.autograd.Function):
     def forward(ctx, kind, config, u, rec, peep, initial):  # type: ignore[override]
         from seqzoo.ops.pararnn.cpu_fused import newton_forward
 
-        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(u)
 
         def prep(t):
             return None if t is None else t.detach().to(compute).contiguous()
@@ -386,7 +387,7 @@ def fused_apply(
         info.residuals = []
         if config.check_residual:
             with torch.no_grad():
-                compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+                compute = compute_dtype(u)
                 init = None if initial is None else initial.to(compute)
                 hc = h.to(compute)
                 info.residuals = [float((cell.step(shift_states(hc, init), u.to(compute)) - hc).abs().amax())]
