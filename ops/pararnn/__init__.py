@@ -121,10 +121,11 @@ def pararnn(
         fail(_OP, f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if fused_backend not in FUSED_BACKENDS:
         fail(_OP, f"fused_backend must be one of {', '.join(FUSED_BACKENDS)}, got {fused_backend!r}")
+    kernels = resolve_fused_backend(fused_backend, x)
     if mode == "auto":
-        mode = "fused" if _fused_runs(cell, x, initial, tol, resolve_fused_backend(fused_backend, x)) else "parallel"
+        mode = "fused" if _fused_runs(cell, x, initial, tol, kernels) else "parallel"
     if mode == "fused":
-        _check_fused(cell, x, initial, tol, resolve_fused_backend(fused_backend, x))
+        _check_fused(cell, x, initial, tol, kernels)
 
     u = cell.prepare(x)
     info = None

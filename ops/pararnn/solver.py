@@ -273,13 +273,20 @@ def fused_kind(cell: RecurrentCell) -> str | None:
     return None
 
 
-def _fused_vectors(cell: RecurrentCell, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _bounded_vectors(cell: RecurrentCell, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused kernels' cell vectors, differentiable: bounded recurrent ``[3, N]`` and, for the LSTM,
+    bounded peephole ``[2, N]`` (``None`` for the GRU)."""
     from seqzoo.ops.pararnn.cells import bounded
 
+    rec = bounded(cell.recurrent, cell.recurrent_bound)
+    return rec, bounded(cell.peephole, cell.recurrent_bound) if kind == "lstm" else None
+
+
+def _fused_vectors(cell: RecurrentCell, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_bounded_vectors` as contiguous constants in ``dtype`` (the Triton kernels' inputs)."""
     with torch.no_grad():
-        rec = bounded(cell.recurrent, cell.recurrent_bound).to(dtype).contiguous()
-        peep = bounded(cell.peephole, cell.recurrent_bound).to(dtype).contiguous() if kind == "lstm" else None
-    return rec, peep
+        rec, peep = _bounded_vectors(cell, kind)
+        return rec.to(dtype).contiguous(), None if peep is None else peep.to(dtype).contiguous()
 
 
 class FusedNewtonFunction(torch.autograd.Function):
@@ -377,11 +384,7 @@ def fused_apply(
     if resolve_fused_backend(config.fused_backend, u) == "triton":
         h = FusedNewtonFunction.apply(cell, config, kind, u, initial, *cell.recurrent_parameters())
     else:
-        from seqzoo.ops.pararnn.cells import bounded
-
-        rec = bounded(cell.recurrent, cell.recurrent_bound)
-        peep = bounded(cell.peephole, cell.recurrent_bound) if kind == "lstm" else None
-        h = CpuFusedNewtonFunction.apply(kind, config, u, rec, peep, initial)
+        h = CpuFusedNewtonFunction.apply(kind, config, u, *_bounded_vectors(cell, kind), initial)
     if info is not None:
         info.iterations = config.max_iters
         info.residuals = []
