@@ -42,7 +42,15 @@ def kernel_specs(key_dim: int, value_dim: int, bv: int) -> dict[str, tuple[trito
     }
 
 
-def compile_for_target(fn: triton.JITFunction, constexprs: dict, ints: tuple[str, ...], floats: tuple[str, ...], target: GPUTarget, num_warps: int, num_stages: int):
+def compile_for_target(
+    fn: triton.JITFunction,
+    constexprs: dict,
+    ints: tuple[str, ...],
+    floats: tuple[str, ...],
+    target: GPUTarget,
+    num_warps: int,
+    num_stages: int,
+):
     """Compile ``fn`` for ``target``; returns ``(seconds, shared-memory bytes)``."""
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = {}
@@ -56,7 +64,9 @@ def compile_for_target(fn: triton.JITFunction, constexprs: dict, ints: tuple[str
         else:
             signature[name] = "*i32" if name in INDEX_TABLES else "*fp32"
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs), target=target, options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return time.perf_counter() - start, compiled.metadata.shared
 
 
@@ -82,7 +92,10 @@ def main() -> None:
             fn, constexprs, ints, floats = specs[name]
             seconds, shared = compile_for_target(fn, constexprs, ints, floats, target, args.num_warps, stages)
             fits = "yes" if shared <= HOPPER_SHARED_BYTES else "**no**"
-            print(f"| {name} | {args.key_dim} | {args.value_dim} | {args.block_v} | {args.num_warps} | {stages} | {seconds:.1f} | {shared} | {fits} |", flush=True)
+            print(
+                f"| {name} | {args.key_dim} | {args.value_dim} | {args.block_v} | {args.num_warps} | {stages} | {seconds:.1f} | {shared} | {fits} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

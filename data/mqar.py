@@ -99,9 +99,7 @@ class SegmentBatches(torch.utils.data.Dataset):
     different lengths are never mixed inside a batch.
     """
 
-    def __init__(
-        self, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int, drop_last: bool
-    ) -> None:
+    def __init__(self, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int, drop_last: bool) -> None:
         self.segments = list(segments)
         rng = np.random.default_rng(seed)
         self.index: list[tuple[int, np.ndarray]] = []
@@ -179,7 +177,9 @@ class MQARDataModule(pl.LightningDataModule):
             if len(self.train_set) == 0:
                 raise ValueError(f"MQAR: no full train batch of {self.batch_size}; add examples or lower batch_size")
         if self.test_set is None:
-            self.test_set = SegmentBatches(self._draw(self.test_segments, 2 * self.seed + 1), self.eval_batch_size, self.seed, drop_last=False)
+            self.test_set = SegmentBatches(
+                self._draw(self.test_segments, 2 * self.seed + 1), self.eval_batch_size, self.seed, drop_last=False
+            )
 
     def train_dataloader(self):
         return make_train_loader(self.train_set, self.trainer, self.seed, self.num_workers)

@@ -129,7 +129,12 @@ def _needle(kind: str, rng: np.random.Generator, digits: int) -> tuple[bytes, by
     """``(needle, question, answer, key)`` for one example."""
     if kind == "passkey":
         answer = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
-        return f"The pass key is {answer}. Remember it. {answer} is the pass key. ".encode(), b"\nWhat is the pass key? The pass key is ", answer, ""
+        return (
+            f"The pass key is {answer}. Remember it. {answer} is the pass key. ".encode(),
+            b"\nWhat is the pass key? The pass key is ",
+            answer,
+            "",
+        )
     key = f"{KEY_ADJECTIVES[rng.integers(len(KEY_ADJECTIVES))]}-{KEY_NOUNS[rng.integers(len(KEY_NOUNS))]}"
     noun = "number" if kind == "number" else "word"
     answer = str(int(rng.integers(10 ** (digits - 1), 10**digits))) if kind == "number" else VALUE_WORDS[rng.integers(len(VALUE_WORDS))]
@@ -288,7 +293,9 @@ class NIAHDataModule(pl.LightningDataModule):
         self.haystack, self.digits, self.seed, self.num_workers = haystack, digits, seed, num_workers
         # Fail at construction, not mid-training, when the sequence cannot hold every needle.
         if seq_len + 1 < min_length(kind, digits, with_answer=True):
-            raise ValueError(f"niah: a {kind} training sequence needs at least {min_length(kind, digits, with_answer=True) - 1} tokens, got seq_len {seq_len}")
+            raise ValueError(
+                f"niah: a {kind} training sequence needs at least {min_length(kind, digits, with_answer=True) - 1} tokens, got seq_len {seq_len}"
+            )
         self.train_set: NeedleTrainingSet | None = None
         self.test_set: NeedleTrainingSet | None = None
 

@@ -22,7 +22,15 @@ BASELINE = "attention"
 
 def _build(kind: str, mixer: str, hidden: int, layers: int, vocab: int, options: dict[str, Any], device: torch.device, dtype: torch.dtype):
     if kind == "models":
-        model = LanguageModel({"vocab_size": vocab, "hidden_size": hidden, "num_layers": layers, "pattern": [mixer], "mixers": {mixer: options} if options else {}})
+        model = LanguageModel(
+            {
+                "vocab_size": vocab,
+                "hidden_size": hidden,
+                "num_layers": layers,
+                "pattern": [mixer],
+                "mixers": {mixer: options} if options else {},
+            }
+        )
     else:
         model = build_mixer(mixer, hidden, 0, options)
     return model.to(device=device, dtype=dtype)
@@ -120,7 +128,36 @@ def bench_mixers(
         ax.legend()
         ax.grid(alpha=0.3)
 
-    settings = {"kind": kind, "batch": batch, "hidden": hidden, "layers": layers, "vocab": vocab, "decode_tokens": decode_tokens, "device": device, "dtype": dtype, "torch": torch.__version__}
-    columns = ["mixer", "seq_len", "fwd_tok_s", "fwd_bwd_tok_s", "decode_tok_s", "peak_mem_mb", "state_bytes", "fwd_vs_attention", "fwd_bwd_vs_attention", "decode_vs_attention"]
-    write_report(out_dir, "bench", {"settings": settings}, rows, columns, plot, title=f"{kind} throughput ({device}, {dtype}, batch {batch}, hidden {hidden})")
+    settings = {
+        "kind": kind,
+        "batch": batch,
+        "hidden": hidden,
+        "layers": layers,
+        "vocab": vocab,
+        "decode_tokens": decode_tokens,
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+    }
+    columns = [
+        "mixer",
+        "seq_len",
+        "fwd_tok_s",
+        "fwd_bwd_tok_s",
+        "decode_tok_s",
+        "peak_mem_mb",
+        "state_bytes",
+        "fwd_vs_attention",
+        "fwd_bwd_vs_attention",
+        "decode_vs_attention",
+    ]
+    write_report(
+        out_dir,
+        "bench",
+        {"settings": settings},
+        rows,
+        columns,
+        plot,
+        title=f"{kind} throughput ({device}, {dtype}, batch {batch}, hidden {hidden})",
+    )
     return rows

@@ -34,7 +34,10 @@ def _log_gate(*shape: int, device, dtype) -> torch.Tensor:
 
 def _inputs(op: str, batch: int, seq: int, heads: int, dim: int, device, dtype) -> dict[str, torch.Tensor]:
     if op == "affine_scan":
-        return {"a": torch.rand(batch, seq, heads * dim, device=device, dtype=dtype), "b": torch.randn(batch, seq, heads * dim, device=device, dtype=dtype)}
+        return {
+            "a": torch.rand(batch, seq, heads * dim, device=device, dtype=dtype),
+            "b": torch.randn(batch, seq, heads * dim, device=device, dtype=dtype),
+        }
     x = _qkv(batch, seq, heads, dim, device, dtype)
     if op == "simple_gla":
         x["g"] = _log_gate(batch, seq, heads, device=device, dtype=dtype)
@@ -179,7 +182,17 @@ def bench_ops(
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
 
-    settings = {"batch": batch, "heads": heads, "dim": dim, "device": device, "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    settings = {
+        "batch": batch,
+        "heads": heads,
+        "dim": dim,
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     columns = ["op", "impl", "seq_len", "fwd_tok_s", "fwd_bwd_tok_s", "peak_mem_mb", "fwd_bwd_vs_reference", "fwd_bwd_vs_fla"]
-    write_report(out_dir, "bench_ops", {"settings": settings}, rows, columns, plot, title=f"ops ({device}, {dtype}, B={batch}, H={heads}, D={dim})")
+    write_report(
+        out_dir, "bench_ops", {"settings": settings}, rows, columns, plot, title=f"ops ({device}, {dtype}, B={batch}, H={heads}, D={dim})"
+    )
     return rows

@@ -69,7 +69,9 @@ def bench_pararnn(
     ``"parallel"`` always runs (the baseline). Writes ``bench_pararnn.{json,md,png}``.
     """
     if batch < 1 or hidden < 1 or repeats < 1 or any(s < 1 for s in seq_lens):
-        raise ValueError(f"bench pararnn: batch, hidden, repeats and seq lens must be >= 1, got {batch}, {hidden}, {repeats}, {list(seq_lens)}")
+        raise ValueError(
+            f"bench pararnn: batch, hidden, repeats and seq lens must be >= 1, got {batch}, {hidden}, {repeats}, {list(seq_lens)}"
+        )
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"bench pararnn: unknown modes {unknown}; known: {', '.join(MODES)}")
@@ -154,15 +156,37 @@ def bench_pararnn(
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "modes": list(modes), "skipped": skipped, "projection": projection,
     }  # fmt: skip
-    columns = ["cell", "seq_len", "par_fwd_s", "seq_fwd_s", "fwd_speedup", "par_fwd_bwd_s", "seq_fwd_bwd_s", "fwd_bwd_speedup", "rel_err", "newton_iters"]
+    columns = [
+        "cell",
+        "seq_len",
+        "par_fwd_s",
+        "seq_fwd_s",
+        "fwd_speedup",
+        "par_fwd_bwd_s",
+        "seq_fwd_bwd_s",
+        "fwd_bwd_speedup",
+        "rel_err",
+        "newton_iters",
+    ]
     if run_fused and dev.type == "cuda":
         import triton
 
         settings["triton"] = triton.__version__
     if run_fused:
-        columns += ["fused_fwd_s", "fused_fwd_bwd_s", "fused_fwd_speedup", "fused_fwd_bwd_speedup", "fused_vs_par_fwd", "fused_vs_par_fwd_bwd", "fused_rel_err", "fused_par_diff"]
+        columns += [
+            "fused_fwd_s",
+            "fused_fwd_bwd_s",
+            "fused_fwd_speedup",
+            "fused_fwd_bwd_speedup",
+            "fused_vs_par_fwd",
+            "fused_vs_par_fwd_bwd",
+            "fused_rel_err",
+            "fused_par_diff",
+        ]
     scope = "cell with its input projection" if projection else "recurrence only"
-    title = f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)}, {scope} ({device}, {dtype}, batch {batch}, hidden {hidden})"
+    title = (
+        f"ParaRNN {' / '.join(m for m in modes if m != 'fused' or run_fused)}, {scope} ({device}, {dtype}, batch {batch}, hidden {hidden})"
+    )
     write_report(out_dir, "bench_pararnn", {"settings": settings}, rows, columns, plot, title=title)
     return rows
 

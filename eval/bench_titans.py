@@ -98,7 +98,9 @@ def load_peer():
         return _import_peer()
     except Exception as exc:  # not installed, a missing dependency, an incompatible version
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise PeerUnavailableError(f"bench titans needs titans-pytorch (pip install 'seqzoo[bench]'), which cannot be imported ({reason})") from None
+        raise PeerUnavailableError(
+            f"bench titans needs titans-pytorch (pip install 'seqzoo[bench]'), which cannot be imported ({reason})"
+        ) from None
 
 
 def build_ours(dim: int, heads: int, chunk: int, memory: str, retrieval: str = "token") -> nn.Module:
@@ -137,7 +139,14 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, peer: bool) -> Callabl
     return run
 
 
-def _check_grid(dims: Sequence[int], chunks: Sequence[int], seq_lens: Sequence[int], heads: int, memories: Sequence[str], peer_batch_sizes: Sequence[str]) -> None:
+def _check_grid(
+    dims: Sequence[int],
+    chunks: Sequence[int],
+    seq_lens: Sequence[int],
+    heads: int,
+    memories: Sequence[str],
+    peer_batch_sizes: Sequence[str],
+) -> None:
     if heads < 1:
         raise ValueError(f"bench titans: heads must be >= 1, got {heads}")
     bad_dims = [d for d in dims if d < heads or d % heads]
@@ -245,15 +254,29 @@ def bench_titans(
             for chunk in sorted(set(chunks)):
                 pts = [r for r in rows if (r["memory"], r["peer"]) == key and r["chunk"] == chunk]
                 if pts:
-                    ax.scatter([r["speedup"] for r in pts], [r["mem_ratio"] for r in pts], color=color, marker=markers[chunk], label=f"{key[0]} vs {key[1]}, chunk {chunk}")
+                    ax.scatter(
+                        [r["speedup"] for r in pts],
+                        [r["mem_ratio"] for r in pts],
+                        color=color,
+                        marker=markers[chunk],
+                        label=f"{key[0]} vs {key[1]}, chunk {chunk}",
+                    )
                     for r in pts:
-                        ax.annotate(f"d{r['dim']}/{r['seq_len']}", (r["speedup"], r["mem_ratio"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                        ax.annotate(
+                            f"d{r['dim']}/{r['seq_len']}",
+                            (r["speedup"], r["mem_ratio"]),
+                            fontsize=5,
+                            xytext=(2, 2),
+                            textcoords="offset points",
+                        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         speedups, ratios = [r["speedup"] for r in rows], [r["mem_ratio"] for r in rows]
         xlim = (min(speedups + [1 / TARGET_SPEEDUP]) / 1.5, max(speedups + [TARGET_SPEEDUP]) * 1.5)
         ylim = (min(ratios + [TARGET_MEM_RATIO]) / 1.5, max(ratios + [1 / TARGET_MEM_RATIO]) * 1.5)
-        ax.fill_between([TARGET_SPEEDUP, xlim[1]], ylim[0], TARGET_MEM_RATIO, color="green", alpha=0.12, label="targets (≥3× faster, ≤½ memory)")
+        ax.fill_between(
+            [TARGET_SPEEDUP, xlim[1]], ylim[0], TARGET_MEM_RATIO, color="green", alpha=0.12, label="targets (≥3× faster, ≤½ memory)"
+        )
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         ax.axvline(1.0, color="gray", lw=0.6)
@@ -269,7 +292,21 @@ def bench_titans(
         "threads": torch.get_num_threads(), "load_avg_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
         "peer_version": _peer_version(), "retrieval": retrieval,
     }  # fmt: skip
-    columns = ["memory", "dim", "chunk", "seq_len", "peer", "ours_tok_s", "peer_tok_s", "speedup", "speedup_best", "ours_peak_mb", "peer_peak_mb", "mem_ratio", "targets_met"]
+    columns = [
+        "memory",
+        "dim",
+        "chunk",
+        "seq_len",
+        "peer",
+        "ours_tok_s",
+        "peer_tok_s",
+        "speedup",
+        "speedup_best",
+        "ours_peak_mb",
+        "peer_peak_mb",
+        "mem_ratio",
+        "targets_met",
+    ]
     paths = write_report(
         out_dir, "bench_titans", {"settings": settings, "notes": NOTES, "summary": summary}, rows, columns, plot,
         title=f"titans_lmm vs titans-pytorch NeuralMemory ({device}, {dtype}, B={batch}, H={heads})",

@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     mqar.add_argument("--seed", type=int, help="data seed (default: the run's test seed)")
 
     bench = sub.add_parser("bench", help="throughput and memory, side by side with the baseline")
-    bench.add_argument("kind", nargs="?", default="models", choices=["models", "layers", "ops", "titans", "pararnn"], help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop")
+    bench.add_argument(
+        "kind",
+        nargs="?",
+        default="models",
+        choices=["models", "layers", "ops", "titans", "pararnn"],
+        help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop",
+    )
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
     bench.add_argument("--ops", nargs="+", help="op names (ops; default all)")
     bench.add_argument("--seq-lens", nargs="+", type=int, help="default: 1024 4096 (pararnn: 256 1024 4096 16384)")
@@ -76,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, help="default: 128 (pararnn: 256)")
     bench.add_argument("--layers", type=int, default=2)
     bench.add_argument("--vocab", type=int, default=256)
-    bench.add_argument("--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2); pararnn: projection heads (default 2)")
+    bench.add_argument(
+        "--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2); pararnn: projection heads (default 2)"
+    )
     bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
@@ -89,12 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"], help="pararnn: cells")
     bench.add_argument("--max-iters", type=int, default=3, help="pararnn: Newton iterations")
     bench.add_argument("--skip-sequential-above", type=int, help="pararnn: skip the sequential loop beyond this length")
-    bench.add_argument("--modes", nargs="+", default=["parallel", "sequential", "fused"], choices=["parallel", "sequential", "fused"], help="pararnn: modes to time (parallel always runs; fused runs Triton on CUDA and the compiled C++ kernel on CPU, and is skipped with the reason in the report where neither runs)")
-    bench.add_argument("--no-projection", action="store_true", help="pararnn: time the recurrence alone on precomputed cell inputs (default: the whole cell, input projection included)")
-    bench.add_argument("--retrieval", default="token", choices=["token", "chunk"], help="titans: our reads, per token (the paper) or per chunk (as the peer)")
-    bench.add_argument("--peer-batch-size", nargs="+", default=["chunk", "none"], choices=["chunk", "none"], help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)")
+    bench.add_argument(
+        "--modes",
+        nargs="+",
+        default=["parallel", "sequential", "fused"],
+        choices=["parallel", "sequential", "fused"],
+        help="pararnn: modes to time (parallel always runs; fused runs Triton on CUDA and the compiled C++ kernel on CPU, and is skipped with the reason in the report where neither runs)",
+    )
+    bench.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="pararnn: time the recurrence alone on precomputed cell inputs (default: the whole cell, input projection included)",
+    )
+    bench.add_argument(
+        "--retrieval",
+        default="token",
+        choices=["token", "chunk"],
+        help="titans: our reads, per token (the paper) or per chunk (as the peer)",
+    )
+    bench.add_argument(
+        "--peer-batch-size",
+        nargs="+",
+        default=["chunk", "none"],
+        choices=["chunk", "none"],
+        help="titans: NeuralMemory batch_size (chunk: gradients at chunk-start weights like ours; none: its default)",
+    )
 
-    sweep = sub.add_parser("mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)")
+    sweep = sub.add_parser(
+        "mqar-sweep", help="train models on MQAR and plot accuracy against state bytes (Zoology's recall-memory trade-off)"
+    )
     sweep.add_argument("--models", nargs="+", required=True, help="model config names under configs/model/")
     sweep.add_argument("--widths", nargs="+", type=int, help="hidden sizes to sweep (default: each config's)")
     sweep.add_argument("--data", default="mqar_zoology", help="MQAR data config under configs/data/ (default: mqar_zoology)")
@@ -103,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-seq-len", type=int, default=256, help="drop segments longer than this")
     sweep.add_argument("--test-examples", type=int, help="examples per test segment (default: the config's)")
     sweep.add_argument("--batch-size", type=int, help="training batch size (default: the config's)")
-    sweep.add_argument("--lr", nargs="+", type=float, help="learning rate(s); with several, each model keeps its best run, as Zoology's max over learning rates (default: the config's)")
+    sweep.add_argument(
+        "--lr",
+        nargs="+",
+        type=float,
+        help="learning rate(s); with several, each model keeps its best run, as Zoology's max over learning rates (default: the config's)",
+    )
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--override", nargs="+", default=[], help="extra Hydra overrides for every run, e.g. model.num_layers=2")
     sweep.add_argument("--repo-root", default=".", help="the checkout holding train.py and configs/ (default: .)")
@@ -124,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--batch-size", type=int, default=8)
     long_mqar = probes.add_parser("mqar", help="MQAR accuracy on test-only long segments")
     long_mqar.add_argument("checkpoint")
-    long_mqar.add_argument("--segments", nargs="+", type=_segment, help="SEQ_LEN:NUM_KV_PAIRS (default 512:128 1024:256 2048:512 4096:1024)")
+    long_mqar.add_argument(
+        "--segments", nargs="+", type=_segment, help="SEQ_LEN:NUM_KV_PAIRS (default 512:128 1024:256 2048:512 4096:1024)"
+    )
     long_mqar.add_argument("--num-examples", type=int, default=100)
     long_mqar.add_argument("--batch-size", type=int, default=8)
     long_mqar.add_argument("--seed", type=int, default=0)
@@ -172,7 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ppl":
             from seqzoo.eval.quality import perplexity
 
-            overrides = {k: v for k, v in {"source": args.source, "path": args.path, "name": args.name, "block_size": args.block_size, "max_documents": args.max_documents}.items() if v is not None}
+            overrides = {
+                k: v
+                for k, v in {
+                    "source": args.source,
+                    "path": args.path,
+                    "name": args.name,
+                    "block_size": args.block_size,
+                    "max_documents": args.max_documents,
+                }.items()
+                if v is not None
+            }
             perplexity(args.checkpoint, out, overrides, split=args.split, max_batches=args.max_batches, device=args.device)
         elif args.command == "mqar":
             from seqzoo.eval.quality import mqar_accuracy
@@ -182,21 +230,69 @@ def main(argv: Sequence[str] | None = None) -> int:
             from seqzoo.eval.sweep import mqar_sweep
 
             mqar_sweep(
-                args.models, out, widths=args.widths, data=args.data, steps=args.steps, train_examples_scale=args.train_examples_scale,
-                max_seq_len=args.max_seq_len, test_examples=args.test_examples, batch_size=args.batch_size, lrs=args.lr,
-                overrides=args.override, repo_root=args.repo_root, device=args.device, seed=args.seed,
+                args.models,
+                out,
+                widths=args.widths,
+                data=args.data,
+                steps=args.steps,
+                train_examples_scale=args.train_examples_scale,
+                max_seq_len=args.max_seq_len,
+                test_examples=args.test_examples,
+                batch_size=args.batch_size,
+                lrs=args.lr,
+                overrides=args.override,
+                repo_root=args.repo_root,
+                device=args.device,
+                seed=args.seed,
             )
         elif args.command == "probe":
             from seqzoo.eval import probes as pr
 
             if args.probe == "niah":
-                pr.niah_probe(args.checkpoint, out, args.kinds, args.lengths, args.depths, args.samples, args.seed, args.haystack, args.digits, args.batch_size, args.device)
+                pr.niah_probe(
+                    args.checkpoint,
+                    out,
+                    args.kinds,
+                    args.lengths,
+                    args.depths,
+                    args.samples,
+                    args.seed,
+                    args.haystack,
+                    args.digits,
+                    args.batch_size,
+                    args.device,
+                )
             elif args.probe == "mqar":
                 pr.mqar_long_probe(args.checkpoint, out, args.segments, args.num_examples, args.batch_size, args.seed, args.device)
             elif args.probe == "length":
-                pr.length_probe(args.checkpoint, out, args.train_length, args.factor, args.num_sequences, args.piece, args.split, args.max_documents, args.batch_size, args.device)
+                pr.length_probe(
+                    args.checkpoint,
+                    out,
+                    args.train_length,
+                    args.factor,
+                    args.num_sequences,
+                    args.piece,
+                    args.split,
+                    args.max_documents,
+                    args.batch_size,
+                    args.device,
+                )
             else:
-                pr.decode_probe(out, args.checkpoints, args.mixers, args.contexts, args.decode_tokens, args.hidden, args.layers, args.vocab, args.options, args.prefill_chunk, args.batch, args.device, args.dtype)
+                pr.decode_probe(
+                    out,
+                    args.checkpoints,
+                    args.mixers,
+                    args.contexts,
+                    args.decode_tokens,
+                    args.hidden,
+                    args.layers,
+                    args.vocab,
+                    args.options,
+                    args.prefill_chunk,
+                    args.batch,
+                    args.device,
+                    args.dtype,
+                )
         elif args.kind == "pararnn":
             from seqzoo.eval.bench_pararnn import bench_pararnn
 
@@ -209,16 +305,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             from seqzoo.eval.bench_ops import bench_ops
 
             heads = 4 if args.heads is None else args.heads
-            bench_ops(out, args.ops, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.head_dim, args.device, args.dtype, args.repeats, args.skip_reference_above)
+            bench_ops(
+                out,
+                args.ops,
+                _default(args.seq_lens, [1024, 4096]),
+                _default(args.batch, 1),
+                heads,
+                args.head_dim,
+                args.device,
+                args.dtype,
+                args.repeats,
+                args.skip_reference_above,
+            )
         elif args.kind == "titans":
             from seqzoo.eval.bench_titans import bench_titans
 
             heads = 2 if args.heads is None else args.heads
-            bench_titans(out, args.dims, args.chunks, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), heads, args.memory, args.peer_batch_size, args.device, args.dtype, args.repeats, args.retrieval)
+            bench_titans(
+                out,
+                args.dims,
+                args.chunks,
+                _default(args.seq_lens, [1024, 4096]),
+                _default(args.batch, 1),
+                heads,
+                args.memory,
+                args.peer_batch_size,
+                args.device,
+                args.dtype,
+                args.repeats,
+                args.retrieval,
+            )
         else:
             from seqzoo.eval.bench import bench_mixers
 
-            bench_mixers(args.mixers, out, args.kind, _default(args.seq_lens, [1024, 4096]), _default(args.batch, 1), _default(args.hidden, 128), args.layers, args.vocab, args.decode_tokens, args.options, args.device, args.dtype, args.repeats)
+            bench_mixers(
+                args.mixers,
+                out,
+                args.kind,
+                _default(args.seq_lens, [1024, 4096]),
+                _default(args.batch, 1),
+                _default(args.hidden, 128),
+                args.layers,
+                args.vocab,
+                args.decode_tokens,
+                args.options,
+                args.device,
+                args.dtype,
+                args.repeats,
+            )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"seqzoo-eval: error: {exc}", file=sys.stderr)
         return 1

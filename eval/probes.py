@@ -73,7 +73,6 @@ def needle_prompt_lengths(seq_len: int, kind: str, digits: int | None, factors: 
     return [f * seq_len + 1 - answer for f in factors]
 
 
-
 def greedy_predictor(model: LanguageModel, device: str | torch.device = "cpu", prefill_chunk: int = 2048) -> Predictor:
     """``predict(prompts [n, length], max_new_tokens) -> [bytes]``: greedy decoding with the cache.
 
@@ -129,7 +128,9 @@ def score_niah(
                 answers = [e.answer.encode() for e in batch]
                 preds = predict(torch.stack([e.prompt_ids for e in batch]), max(len(a) for a in answers))
                 hits += sum(p[: len(a)] == a for p, a in zip(preds, answers))
-            rows.append({"kind": kind, "length": length, "depth": depth, "samples": samples, "accuracy": hits / max(1, samples), "chance": chance})
+            rows.append(
+                {"kind": kind, "length": length, "depth": depth, "samples": samples, "accuracy": hits / max(1, samples), "chance": chance}
+            )
     return rows
 
 
@@ -189,8 +190,24 @@ def niah_probe(
         kind_digits = digits if digits is not None else (data.get("digits") if kind == trained_kind else None)
         kind_haystack = haystack or (data.get("haystack") if kind == trained_kind else None)
         rows = score_niah(predict, kind, lengths, depths, samples, seed, kind_haystack, kind_digits, batch_size)
-        payload = {"checkpoint": str(checkpoint), "kind": kind, "seed": seed, "haystack": kind_haystack, "digits": kind_digits, "trained_length": base, "decoding": "greedy with cache; exact match of the first len(answer) bytes"}
-        write_report(out_dir, f"niah_{kind}", payload, rows, ["kind", "length", "depth", "samples", "accuracy", "chance"], _heatmap(rows, lengths, depths), title=f"S-NIAH {kind}")
+        payload = {
+            "checkpoint": str(checkpoint),
+            "kind": kind,
+            "seed": seed,
+            "haystack": kind_haystack,
+            "digits": kind_digits,
+            "trained_length": base,
+            "decoding": "greedy with cache; exact match of the first len(answer) bytes",
+        }
+        write_report(
+            out_dir,
+            f"niah_{kind}",
+            payload,
+            rows,
+            ["kind", "length", "depth", "samples", "accuracy", "chance"],
+            _heatmap(rows, lengths, depths),
+            title=f"S-NIAH {kind}",
+        )
         results[kind] = rows
     return results
 
@@ -221,7 +238,15 @@ def mqar_long_probe(
     rows = []
     for i, (seq_len, kv) in enumerate(segments or DEFAULT_MQAR_SEGMENTS):
         seg = MQARSegment(seq_len, kv, num_examples)
-        row: dict[str, Any] = {"segment": seg.name, "seq_len": seq_len, "num_kv_pairs": kv, "examples": num_examples, "accuracy": None, "state_bytes": model.state_size(1, seq_len), "note": ""}
+        row: dict[str, Any] = {
+            "segment": seg.name,
+            "seq_len": seq_len,
+            "num_kv_pairs": kv,
+            "examples": num_examples,
+            "accuracy": None,
+            "state_bytes": model.state_size(1, seq_len),
+            "note": "",
+        }
         try:
             inputs, labels = generate_mqar(vocab, num_examples, seq_len, kv, seed=seed * 1000 + i, **options)
         except ValueError as exc:
@@ -253,7 +278,15 @@ def mqar_long_probe(
         "max_seq_len_for_vocab": (vocab - 1) // 2 * 2,
         "max_kv_pairs_for_vocab": vocab // 2 - 1,
     }
-    write_report(out_dir, "mqar_long", payload, rows, ["segment", "seq_len", "num_kv_pairs", "examples", "accuracy", "state_bytes", "note"], plot, title="MQAR beyond the training length")
+    write_report(
+        out_dir,
+        "mqar_long",
+        payload,
+        rows,
+        ["segment", "seq_len", "num_kv_pairs", "examples", "accuracy", "state_bytes", "note"],
+        plot,
+        title="MQAR beyond the training length",
+    )
     return rows
 
 
@@ -326,7 +359,9 @@ def length_probe(
         cache = model.init_cache(ids.shape[0])
         for j, end in enumerate(ends):
             logits = model(ids[:, end - piece : end], cache=cache).float()
-            loss_sum[end - piece : end] += F.cross_entropy(logits.transpose(1, 2), labels[:, end - piece : end], reduction="none").double().sum(0).cpu()
+            loss_sum[end - piece : end] += (
+                F.cross_entropy(logits.transpose(1, 2), labels[:, end - piece : end], reduction="none").double().sum(0).cpu()
+            )
             norm_sum[j] += np.asarray(state_norms(cache)) * ids.shape[0]
         seen += ids.shape[0]
         if seen >= num_sequences:
@@ -381,7 +416,16 @@ def length_probe(
 # ---------------------------------------------------------------- decode cost
 
 
-def _decode_models(checkpoints: Sequence[str], mixers: Sequence[str], hidden: int, layers: int, vocab: int, options: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype):
+def _decode_models(
+    checkpoints: Sequence[str],
+    mixers: Sequence[str],
+    hidden: int,
+    layers: int,
+    vocab: int,
+    options: dict[str, dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+):
     """``(name, model)`` pairs: checkpoints (named by run folder) then fresh models of registered mixers."""
     for path in checkpoints:
         model, _ = load_language_model(path, device)
@@ -390,7 +434,13 @@ def _decode_models(checkpoints: Sequence[str], mixers: Sequence[str], hidden: in
         yield name, model.to(device=device, dtype=dtype)
     for mixer in mixers:
         torch.manual_seed(0)
-        spec = {"vocab_size": vocab, "hidden_size": hidden, "num_layers": layers, "pattern": [mixer], "mixers": {mixer: options[mixer]} if mixer in options else {}}
+        spec = {
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "num_layers": layers,
+            "pattern": [mixer],
+            "mixers": {mixer: options[mixer]} if mixer in options else {},
+        }
         yield mixer, LanguageModel(spec).to(device=device, dtype=dtype).eval()
 
 
@@ -474,7 +524,19 @@ def decode_probe(
         right.set_yscale("log", base=2)
         left.legend(fontsize=7)
 
-    settings = {"batch": batch, "decode_tokens": decode_tokens, "prefill_chunk": prefill_chunk, "hidden": hidden, "layers": layers, "vocab": vocab, "device": device, "dtype": dtype, "torch": torch.__version__}
+    settings = {
+        "batch": batch,
+        "decode_tokens": decode_tokens,
+        "prefill_chunk": prefill_chunk,
+        "hidden": hidden,
+        "layers": layers,
+        "vocab": vocab,
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+    }
     columns = ["model", "context", "ms_per_token", "tokens_per_s", "prefill_s", "cache_bytes", "state_size"]
-    write_report(out_dir, "decode", {"settings": settings}, rows, columns, plot, title=f"Decode cost vs context ({device}, {dtype}, batch {batch})")
+    write_report(
+        out_dir, "decode", {"settings": settings}, rows, columns, plot, title=f"Decode cost vs context ({device}, {dtype}, batch {batch})"
+    )
     return rows

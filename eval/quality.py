@@ -76,7 +76,15 @@ def perplexity(
         ax.set_ylabel("loss (nats)")
         ax.grid(alpha=0.3)
 
-    write_report(out_dir, "ppl", {**result, "loss_per_position": per_position}, [result], ["split", "tokens", "loss", "perplexity", "bits_per_byte"], plot, title="Perplexity")
+    write_report(
+        out_dir,
+        "ppl",
+        {**result, "loss_per_position": per_position},
+        [result],
+        ["split", "tokens", "loss", "perplexity", "bits_per_byte"],
+        plot,
+        title="Perplexity",
+    )
     return result
 
 
@@ -109,12 +117,22 @@ def mqar_accuracy(
     model.to(device)
     rows = []
     for i, seg in enumerate(segs):
-        inputs, labels = generate_mqar(model.config.vocab_size, seg.num_examples, seg.seq_len, seg.num_kv_pairs, seed=data_seed * 1000 + i, **options)
+        inputs, labels = generate_mqar(
+            model.config.vocab_size, seg.num_examples, seg.seq_len, seg.num_kv_pairs, seed=data_seed * 1000 + i, **options
+        )
         correct = count = 0
         for start in range(0, len(inputs), batch_size):
             _, hits, n = model.loss(inputs[start : start + batch_size].to(device), labels[start : start + batch_size].to(device))
             correct, count = correct + hits.item(), count + n.item()
-        rows.append({"segment": seg.name, "seq_len": seg.seq_len, "num_kv_pairs": seg.num_kv_pairs, "examples": seg.num_examples, "accuracy": correct / max(1, count)})
+        rows.append(
+            {
+                "segment": seg.name,
+                "seq_len": seg.seq_len,
+                "num_kv_pairs": seg.num_kv_pairs,
+                "examples": seg.num_examples,
+                "accuracy": correct / max(1, count),
+            }
+        )
 
     def plot(ax):
         ax.bar([r["segment"] for r in rows], [r["accuracy"] for r in rows], color="tab:blue")
@@ -122,5 +140,13 @@ def mqar_accuracy(
         ax.set_ylabel("accuracy")
         ax.tick_params(axis="x", rotation=30)
 
-    write_report(out_dir, "mqar", {"checkpoint": str(checkpoint), "seed": data_seed}, rows, ["segment", "seq_len", "num_kv_pairs", "examples", "accuracy"], plot, title="MQAR accuracy")
+    write_report(
+        out_dir,
+        "mqar",
+        {"checkpoint": str(checkpoint), "seed": data_seed},
+        rows,
+        ["segment", "seq_len", "num_kv_pairs", "examples", "accuracy"],
+        plot,
+        title="MQAR accuracy",
+    )
     return rows

@@ -32,7 +32,9 @@ def load_train_module(repo_root: str | Path) -> ModuleType:
     """
     path = (Path(repo_root) / "train.py").resolve()
     if not path.is_file() or not (path.parent / "configs" / "model").is_dir():
-        raise FileNotFoundError(f"{_CMD}: no train.py with configs/model/ in {Path(repo_root).resolve()} (pass --repo-root, the seqzoo checkout)")
+        raise FileNotFoundError(
+            f"{_CMD}: no train.py with configs/model/ in {Path(repo_root).resolve()} (pass --repo-root, the seqzoo checkout)"
+        )
     loaded = sys.modules.get("train")
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
         return loaded
@@ -206,7 +208,15 @@ def mqar_sweep(
                 for seg in test_segments:
                     key = f"test/acc/{_segment_name(seg)}"
                     row[f"acc/{_segment_name(seg)}"] = float(test[key] if key in test else test.get("test/acc", float("nan")))
-                row.update({"lr": float(cfg.optim.lr), "steps": steps, "train_examples": sum(s["num_examples"] for s in train_segments), "wall_s": round(wall, 2), "note": note})
+                row.update(
+                    {
+                        "lr": float(cfg.optim.lr),
+                        "steps": steps,
+                        "train_examples": sum(s["num_examples"] for s in train_segments),
+                        "wall_s": round(wall, 2),
+                        "note": note,
+                    }
+                )
                 tried.append(row)
             all_runs.extend(tried)
             # A diverged run has NaN accuracy; it never wins.

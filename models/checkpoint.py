@@ -52,7 +52,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises EOFError, OSError, UnpicklingError… for damaged files
-        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated'})") from None
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated'})"
+        ) from None
 
 
 def load_language_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[LanguageModel, dict[str, Any]]:

@@ -119,8 +119,17 @@ class DeltaNet(_DeltaRuleMixer):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__(
-            "deltanet", hidden_size, layer_idx, num_heads, head_dim, expand_v,
-            use_output_gate, use_short_conv, conv_size, allow_neg_eigval, norm_eps,
+            "deltanet",
+            hidden_size,
+            layer_idx,
+            num_heads,
+            head_dim,
+            expand_v,
+            use_output_gate,
+            use_short_conv,
+            conv_size,
+            allow_neg_eigval,
+            norm_eps,
         )
 
     def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
@@ -174,8 +183,17 @@ class GatedDeltaNet(_DeltaRuleMixer):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__(
-            "gated_deltanet", hidden_size, layer_idx, num_heads, head_dim, expand_v,
-            use_output_gate, use_short_conv, conv_size, allow_neg_eigval, norm_eps,
+            "gated_deltanet",
+            hidden_size,
+            layer_idx,
+            num_heads,
+            head_dim,
+            expand_v,
+            use_output_gate,
+            use_short_conv,
+            conv_size,
+            allow_neg_eigval,
+            norm_eps,
         )
         low, high = a_init_range
         require("gated_deltanet", 0 <= low < high, f"a_init_range must be [low, high] with 0 <= low < high, got {list(a_init_range)}")

@@ -59,8 +59,11 @@ class GatedLinearAttention(LinearMixer):
         name = "gla"
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-        require(name, key_dim % num_heads == 0 and value_dim % num_heads == 0 and key_dim > 0 and value_dim > 0,
-                f"num_heads ({num_heads}) must divide key width {key_dim} and value width {value_dim}")
+        require(
+            name,
+            key_dim % num_heads == 0 and value_dim % num_heads == 0 and key_dim > 0 and value_dim > 0,
+            f"num_heads ({num_heads}) must divide key width {key_dim} and value width {value_dim}",
+        )
         require(name, gate_low_rank_dim >= 1, f"gate_low_rank_dim must be >= 1, got {gate_low_rank_dim}")
         require(name, gate_logit_normalizer > 0, f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
         require(name, clamp_min is None or clamp_min < 0, f"clamp_min must be a negative log gate or null, got {clamp_min}")

@@ -143,7 +143,9 @@ class LanguageModel(nn.Module):
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"LanguageModel: input_ids must be integer [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{input_ids.min().item()}, {input_ids.max().item()}]")
+            raise ValueError(
+                f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{input_ids.min().item()}, {input_ids.max().item()}]"
+            )
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"LanguageModel: cache has {len(cache)} layers, model has {len(self.blocks)}")
         x = self.embed(input_ids)

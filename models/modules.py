@@ -163,7 +163,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _activation(name: str | None):
-    table = {None: nn.Identity(), "identity": nn.Identity(), "silu": nn.SiLU(), "swish": nn.SiLU(), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU()}
+    table = {
+        None: nn.Identity(),
+        "identity": nn.Identity(),
+        "silu": nn.SiLU(),
+        "swish": nn.SiLU(),
+        "sigmoid": nn.Sigmoid(),
+        "gelu": nn.GELU(),
+    }
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(str(k) for k in table)}")
     return table[name]

@@ -55,8 +55,11 @@ class MultiScaleRetention(LinearMixer):
         name = "retnet"
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-        require(name, key_dim % num_heads == 0 and value_dim % num_heads == 0 and key_dim > 0 and value_dim > 0,
-                f"num_heads ({num_heads}) must divide key width {key_dim} and value width {value_dim}")
+        require(
+            name,
+            key_dim % num_heads == 0 and value_dim % num_heads == 0 and key_dim > 0 and value_dim > 0,
+            f"num_heads ({num_heads}) must divide key width {key_dim} and value width {value_dim}",
+        )
         self.hidden_size, self.layer_idx, self.num_heads = hidden_size, layer_idx, num_heads
         self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
         require(name, rope_theta is None or self.head_k_dim % 2 == 0, f"RoPE needs an even head key width, got {self.head_k_dim}")

@@ -310,18 +310,22 @@ _MEMORY_DOC = """
 
 @register_mixer("titans_lmm")
 class TitansLMM(TokenMixer):
-    """Titans' neural long-term memory as an attention-free token mixer (spec §2.1, §2.4).
+    (
+        """Titans' neural long-term memory as an attention-free token mixer (spec §2.1, §2.4).
 
     ``q, k, v = L2(SiLU(conv(x W)))`` (no L2 on v), per-head gates ``θ, η, α = sigmoid(Linear(x))``, the
     memory op (retrieve after update, inclusive), then ``W_o(RMSNorm(o) ⊙ sigmoid(x W_g))`` per head.
 
     Args:
         hidden_size: model width.
-        layer_idx: position in the stack (unused; part of the mixer contract).""" + _MEMORY_DOC + """
+        layer_idx: position in the stack (unused; part of the mixer contract)."""
+        + _MEMORY_DOC
+        + """
 
     Cache: ``recurrent`` (fp32 memory weights + momenta at the last chunk boundary, ``[batch, heads, n]``),
     ``pending_qkv``/``pending_gates`` (the ``seen_tokens % chunk_size`` tokens since), ``conv_q/k/v``.
     """
+    )
 
     def __init__(
         self,
@@ -383,7 +387,8 @@ class _GatedCombine(nn.Module):
 
 @register_mixer("titans_mag")
 class TitansMAG(TokenMixer):
-    """Titans MAG, memory as a gate (spec §2.4, §9.8): ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))``.
+    (
+        """Titans MAG, memory as a gate (spec §2.4, §9.8): ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))``.
 
     ``SWA*`` is sliding-window causal attention over the layer input with learned persistent K/V per
     head (``num_persistent`` slots visible to every query): the ``attention`` mixer (``attn``) without
@@ -393,7 +398,9 @@ class TitansMAG(TokenMixer):
 
     Args:
         hidden_size: model width.
-        layer_idx: position in the stack (unused).""" + _MEMORY_DOC + """
+        layer_idx: position in the stack (unused)."""
+        + _MEMORY_DOC
+        + """
         window_size: attention window (itself included); ``None`` = full causal attention. Default: 64.
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention branch; ``None`` disables it.
@@ -401,6 +408,7 @@ class TitansMAG(TokenMixer):
     Cache: the memory branch's (``recurrent``, ``pending_*``, ``conv_*``) + ``key``/``value`` (last
     ``window_size − 1`` tokens).
     """
+    )
 
     def __init__(
         self,
@@ -456,7 +464,8 @@ class TitansMAG(TokenMixer):
 
 @register_mixer("titans_mal")
 class TitansMAL(TokenMixer):
-    """Titans MAL, memory as a layer (spec §2.4, Eqs 29–31): the memory layer, then SWA* on its output.
+    (
+        """Titans MAL, memory as a layer (spec §2.4, Eqs 29–31): the memory layer, then SWA* on its output.
 
     ``m = W_m(RMSNorm(M(x)) ⊙ σ(x W_g))`` is a full ``titans_lmm`` sub-layer; ``h = x + m`` (residual);
     ``o = m + W_o SWA*(RMSNorm(h))``, so the surrounding block computes ``x + m + SWA*(Norm(x + m))``:
@@ -466,13 +475,16 @@ class TitansMAL(TokenMixer):
 
     Args:
         hidden_size: model width.
-        layer_idx: position in the stack (unused).""" + _MEMORY_DOC + """
+        layer_idx: position in the stack (unused)."""
+        + _MEMORY_DOC
+        + """
         window_size: attention window (itself included); ``None`` = full causal attention. Default: 64.
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention; ``None`` disables it.
 
     Cache: the memory's (``recurrent``, ``pending_*``, ``conv_*``) + ``key``/``value`` (last ``window_size − 1``).
     """
+    )
 
     def __init__(
         self,
@@ -529,7 +541,8 @@ class TitansMAL(TokenMixer):
 
 @register_mixer("titans_mac")
 class TitansMAC(TokenMixer):
-    """Titans MAC, memory as context, in the causal interpretation of spec §9.7 (not titans-pytorch's MAC).
+    (
+        """Titans MAC, memory as context, in the causal interpretation of spec §9.7 (not titans-pytorch's MAC).
 
     The sequence is cut into segments of ``segment_size`` tokens (counted from the first token). For a
     token ``i`` of segment ``n``:
@@ -548,7 +561,9 @@ class TitansMAC(TokenMixer):
 
     Args:
         hidden_size: model width.
-        layer_idx: position in the stack (unused).""" + _MEMORY_DOC + """
+        layer_idx: position in the stack (unused)."""
+        + _MEMORY_DOC
+        + """
         segment_size: attention segment length ``C``. Default: 32.
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention (memory tokens take their token's position); ``None`` disables it.
@@ -557,6 +572,7 @@ class TitansMAC(TokenMixer):
     (memory at the current segment's start) + ``conv_hq`` + ``key``/``value``/``mem_key``/``mem_value``
     (the current segment's tokens and memory tokens, ``seen_tokens % segment_size`` each).
     """
+    )
 
     def __init__(
         self,
@@ -587,7 +603,9 @@ class TitansMAC(TokenMixer):
             mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
         )  # fmt: skip
         _check("titans_mac", isinstance(segment_size, int) and segment_size >= 1, f"segment_size must be an int >= 1, got {segment_size!r}")
-        _check("titans_mac", segment_size % chunk_size == 0, f"segment_size ({segment_size}) must be a multiple of chunk_size ({chunk_size})")
+        _check(
+            "titans_mac", segment_size % chunk_size == 0, f"segment_size ({segment_size}) must be a multiple of chunk_size ({chunk_size})"
+        )
         _check("titans_mac", num_persistent >= 0, f"num_persistent must be >= 0, got {num_persistent}")
         _check("titans_mac", rope_theta is None or head_dim % 2 == 0, f"RoPE needs an even head_dim, got {head_dim}")
         self.num_heads, self.head_dim, self.segment_size = num_heads, head_dim, segment_size

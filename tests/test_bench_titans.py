@@ -74,12 +74,23 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
     rows, printed = payload["rows"], printed_rows(capsys.readouterr().out)
     keys = [(r["memory"], r["dim"], r["chunk"], r["seq_len"], r["peer"]) for r in rows]
     assert keys == [
-        (memory, 8, 4, seq, peer)
-        for memory in ("linear", "mlp")
-        for seq in (8, 16)
-        for peer in ("batch_size=chunk", "batch_size=None")
+        (memory, 8, 4, seq, peer) for memory in ("linear", "mlp") for seq in (8, 16) for peer in ("batch_size=chunk", "batch_size=None")
     ]
-    columns = ["memory", "dim", "chunk", "seq_len", "peer", "ours_tok_s", "peer_tok_s", "speedup", "speedup_best", "ours_peak_mb", "peer_peak_mb", "mem_ratio", "targets_met"]
+    columns = [
+        "memory",
+        "dim",
+        "chunk",
+        "seq_len",
+        "peer",
+        "ours_tok_s",
+        "peer_tok_s",
+        "speedup",
+        "speedup_best",
+        "ours_peak_mb",
+        "peer_peak_mb",
+        "mem_ratio",
+        "targets_met",
+    ]
     assert len(printed) == len(rows)
     for row, cells in zip(rows, printed):
         for name, cell in zip(columns, cells):

@@ -12,7 +12,13 @@ import train
 from seqzoo.eval.cli import main
 from seqzoo.eval.measure import peak_memory
 
-COMMON = ["trainer.enable_progress_bar=false", "trainer.val_check_interval=4", "checkpoint_every_n_steps=4", "trainer.max_steps=4", "model.hidden_size=16"]
+COMMON = [
+    "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=4",
+    "checkpoint_every_n_steps=4",
+    "trainer.max_steps=4",
+    "model.hidden_size=16",
+]
 
 
 def trained(tmp_path_factory, name, overrides):
@@ -42,7 +48,15 @@ def text_run(tmp_path_factory):
     return trained(
         tmp_path_factory,
         "text",
-        ["data=text", "data.max_documents=20", "data.block_size=32", "data.batch_size=4", "data.eval_batch_size=8", "trainer.limit_val_batches=2", "trainer.limit_test_batches=3"],
+        [
+            "data=text",
+            "data.max_documents=20",
+            "data.block_size=32",
+            "data.batch_size=4",
+            "data.eval_batch_size=8",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=3",
+        ],
     )
 
 
@@ -86,7 +100,28 @@ def test_ppl_command_matches_training_test_loss(text_run, tmp_path, capsys):
 
 
 def test_bench_command_puts_attention_beside_itself(tmp_path, capsys):
-    assert main(["bench", "layers", "--mixers", "attention", "--seq-lens", "16", "32", "--hidden", "16", "--repeats", "1", "--decode-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "layers",
+                "--mixers",
+                "attention",
+                "--seq-lens",
+                "16",
+                "32",
+                "--hidden",
+                "16",
+                "--repeats",
+                "1",
+                "--decode-tokens",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     printed = printed_rows(capsys.readouterr().out)
     assert [(r["mixer"], r["seq_len"]) for r in rows] == [("attention", 16), ("attention", 32)]
@@ -134,7 +169,25 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 
 def test_bench_ops_compares_backends_against_the_reference(tmp_path, capsys):
-    argv = ["bench", "ops", "--ops", "simple_gla", "affine_scan", "--seq-lens", "16", "--batch", "1", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "ops",
+        "--ops",
+        "simple_gla",
+        "affine_scan",
+        "--seq-lens",
+        "16",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "bench_ops.json").read_text())["rows"]
     printed = printed_rows(capsys.readouterr().out)

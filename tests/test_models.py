@@ -22,7 +22,9 @@ from tests.helpers import assert_rel_close
 def tiny_lm(pattern=("attention",), **mixer_options) -> LanguageModel:
     torch.manual_seed(0)
     mixers = {"attention": mixer_options} if mixer_options else {}
-    return LanguageModel({"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "pattern": list(pattern), "mixers": mixers, "mlp": "swiglu"})
+    return LanguageModel(
+        {"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "pattern": list(pattern), "mixers": mixers, "mlp": "swiglu"}
+    )
 
 
 def test_registry_lists_attention_and_rejects_unknown_names():
@@ -132,7 +134,9 @@ def test_rotary_is_relative():
     assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [{}, {"num_heads": 4, "num_kv_heads": 2}, {"num_heads": 2, "window_size": 5}], ids=["mha", "gqa", "swa"])
+@pytest.mark.parametrize(
+    "options", [{}, {"num_heads": 4, "num_kv_heads": 2}, {"num_heads": 2, "window_size": 5}], ids=["mha", "gqa", "swa"]
+)
 def test_attention_decode_equals_parallel_after_odd_prefill(options):
     torch.manual_seed(0)
     layer = Attention(32, **options).eval()
@@ -224,9 +228,7 @@ def test_persistent_attention_is_causal(options):
         assert not torch.allclose(out[:, t], full[:, t])
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"window_size": 3}, {"num_heads": 4, "num_kv_heads": 2}], ids=["full", "swa", "gqa"]
-)
+@pytest.mark.parametrize("options", [{}, {"window_size": 3}, {"num_heads": 4, "num_kv_heads": 2}], ids=["full", "swa", "gqa"])
 def test_persistent_attention_matches_hand_written_softmax(options):
     # Reference in float64: per head, softmax over [persistent keys ‖ (windowed) causal keys] / sqrt(d).
     layer = persistent_attention_layer(torch.float64, rope_theta=None, **options)
@@ -260,7 +262,11 @@ def test_attention_without_persistent_slots_or_output_projection():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"num_persistent": -1}, "num_persistent must be >= 0"), ({"head_dim": 3}, "RoPE needs an even head_dim"), ({"window_size": 0}, "window_size")],
+    [
+        ({"num_persistent": -1}, "num_persistent must be >= 0"),
+        ({"head_dim": 3}, "RoPE needs an even head_dim"),
+        ({"window_size": 0}, "window_size"),
+    ],
 )
 def test_attention_bad_options_fail_with_one_line(options, message):
     with pytest.raises(ConfigError, match=message) as info:

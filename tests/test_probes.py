@@ -9,7 +9,17 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from seqzoo.data.niah import KINDS, SNAP_BYTES, VALUE_WORDS, NIAHDataModule, chance_accuracy, generate_niah, make_needle_example, min_length, training_example
+from seqzoo.data.niah import (
+    KINDS,
+    SNAP_BYTES,
+    VALUE_WORDS,
+    NIAHDataModule,
+    chance_accuracy,
+    generate_niah,
+    make_needle_example,
+    min_length,
+    training_example,
+)
 from seqzoo.eval.cli import main
 from seqzoo.eval.probes import greedy_predictor, needle_prompt_lengths, score_niah, state_norms
 from seqzoo.models.checkpoint import load_language_model
@@ -49,7 +59,9 @@ def test_needle_is_where_the_metadata_says_and_lengths_are_exact(kind):
                 prompt, meta = bytes(ex.prompt_ids.tolist()), ex.metadata
                 assert len(prompt) == length == meta["length"] and ex.prompt_ids.dtype == torch.int64
                 needle = prompt[meta["needle_start"] : meta["needle_end"]]
-                assert ex.answer.encode() in needle and re.match(ANSWER[kind], needle[needle.find(b"The pass") :] if kind == "passkey" else needle[needle.find(b"special") :])
+                assert ex.answer.encode() in needle and re.match(
+                    ANSWER[kind], needle[needle.find(b"The pass") :] if kind == "passkey" else needle[needle.find(b"special") :]
+                )
                 assert recover(prompt, kind) == ex.answer.encode()
                 hay = length - len(needle) - len(prompt.rsplit(b"\n", 1)[1]) - 1
                 assert abs(meta["needle_start"] - round(depth * hay)) <= SNAP_BYTES
@@ -146,7 +158,12 @@ def test_probe_niah_end_to_end(needle_run, tmp_path, capsys):
     for row, cells in zip(payload["rows"], printed):
         assert float(cells[4]) == pytest.approx(row["accuracy"], abs=5e-4) and row["accuracy"] in (0.0, 0.5, 1.0)
     assert (tmp_path / "niah_passkey.png").stat().st_size > 0
-    assert (payload["kind"], payload["haystack"], payload["digits"], payload["trained_length"]) == ("passkey", "filler", 5, 128)  # from the run
+    assert (payload["kind"], payload["haystack"], payload["digits"], payload["trained_length"]) == (
+        "passkey",
+        "filler",
+        5,
+        128,
+    )  # from the run
     # The cached greedy decode the probe scores agrees with recomputing the whole sequence each step.
     model, _ = load_language_model(checkpoint)
     ex = generate_niah("passkey", 2, 192, 1.0, seed=0)
@@ -170,14 +187,32 @@ def test_probe_mqar_states_what_the_vocabulary_cannot_hold(needle_run, tmp_path,
 
 def test_probe_length_matches_a_parallel_forward(needle_run, tmp_path, capsys):
     checkpoint, _ = needle_run
-    argv = ["probe", "length", str(checkpoint), "--factor", "2", "--num-sequences", "2", "--piece", "64", "--split", "train", "--max-documents", "20", "--out", str(tmp_path)]
+    argv = [
+        "probe",
+        "length",
+        str(checkpoint),
+        "--factor",
+        "2",
+        "--num-sequences",
+        "2",
+        "--piece",
+        "64",
+        "--split",
+        "train",
+        "--max-documents",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "length.json").read_text())
     printed = printed_rows(capsys.readouterr().out)
     assert payload["train_length"] == 128 and payload["state_norm_positions"] == [64, 128, 192, 256]
     per_position = np.asarray(payload["loss_per_position"])
     for k, (row, cells) in enumerate(zip(payload["rows"], printed)):
-        assert row["loss"] == pytest.approx(per_position[k * 128 : (k + 1) * 128].mean()) and float(cells[2]) == pytest.approx(row["loss"], rel=1e-3)
+        assert row["loss"] == pytest.approx(per_position[k * 128 : (k + 1) * 128].mean()) and float(cells[2]) == pytest.approx(
+            row["loss"], rel=1e-3
+        )
         assert row["state_norm_L1"] == pytest.approx(payload["state_norms"][2 * k + 1][1])
     # Reference: one parallel forward (no cache) over the same blocks, and one-call prefill for the state.
     from seqzoo.data.text import TextDataModule
@@ -197,11 +232,32 @@ def test_probe_length_matches_a_parallel_forward(needle_run, tmp_path, capsys):
 
 def test_probe_decode_checkpoint_beside_a_registered_mixer(needle_run, tmp_path, capsys):
     checkpoint, _ = needle_run
-    argv = ["probe", "decode", "--checkpoints", str(checkpoint), "--mixers", "gated_deltanet", "--contexts", "16", "48", "--decode-tokens", "2", "--hidden", "16", "--out", str(tmp_path)]
+    argv = [
+        "probe",
+        "decode",
+        "--checkpoints",
+        str(checkpoint),
+        "--mixers",
+        "gated_deltanet",
+        "--contexts",
+        "16",
+        "48",
+        "--decode-tokens",
+        "2",
+        "--hidden",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     printed = printed_rows(capsys.readouterr().out)
-    assert [(r["model"], r["context"]) for r in rows] == [(checkpoint.parent.parent.name, 16), (checkpoint.parent.parent.name, 48), ("gated_deltanet", 16), ("gated_deltanet", 48)]
+    assert [(r["model"], r["context"]) for r in rows] == [
+        (checkpoint.parent.parent.name, 16),
+        (checkpoint.parent.parent.name, 48),
+        ("gated_deltanet", 16),
+        ("gated_deltanet", 48),
+    ]
     for row, cells in zip(rows, printed):
         assert row["cache_bytes"] == row["state_size"] and row["ms_per_token"] > 0
         assert float(cells[2]) == pytest.approx(row["ms_per_token"], rel=1e-3) and int(cells[5]) == row["cache_bytes"]

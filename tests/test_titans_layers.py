@@ -224,7 +224,9 @@ def test_lmm_wiring_matches_the_op_on_hand_built_features():
     q, k, v = l2(split(F.silu(mem.q_proj(x)))), l2(split(F.silu(mem.k_proj(x)))), split(F.silu(mem.v_proj(x)))
     gates = torch.sigmoid(rearrange(mem.gate_proj(x), "b t (h g) -> b t h g", g=3))
     w0 = mem.init_weights[0].expand(2, -1, -1, -1)
-    o, _ = neural_memory(q, k, v, 0.7 * gates[..., 0], gates[..., 1], gates[..., 2], chunk_size=3, initial_state=LinearMemoryState(w0, torch.zeros_like(w0)))
+    o, _ = neural_memory(
+        q, k, v, 0.7 * gates[..., 0], gates[..., 1], gates[..., 2], chunk_size=3, initial_state=LinearMemoryState(w0, torch.zeros_like(w0))
+    )
     normed = o / o.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * layer.out_norm.weight
     expected = layer.o_proj(rearrange(normed * torch.sigmoid(split(layer.g_proj(x))), "b t h d -> b t (h d)"))
     out = layer(x)

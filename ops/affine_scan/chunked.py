@@ -98,9 +98,7 @@ def _step_major(x: torch.Tensor, n_chunks: int, size: int, pad_value: float) -> 
     return x.reshape(batch, n_chunks, size, *x.shape[2:]).movedim(2, 0)
 
 
-def scan_torch(
-    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int
-) -> torch.Tensor:
+def scan_torch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int) -> torch.Tensor:
     """Chunked parallel scan without autograd bookkeeping; returns ``h`` shaped like ``b``.
 
     ``reverse`` computes ``h_t = a_t h_{t+1} + b_t`` with ``h_T = h0``.

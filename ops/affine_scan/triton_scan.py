@@ -94,9 +94,7 @@ def _scan_block2_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr,
         a11 = tl.load(a_ptr + cell * 4 + 3, mask=mask, other=1.0)
         b0 = tl.load(b_ptr + cell * 2, mask=mask, other=0.0)
         b1 = tl.load(b_ptr + cell * 2 + 1, mask=mask, other=0.0)
-        c00, c01, c10, c11, d0, d1 = tl.associative_scan(
-            (a00, a01, a10, a11, b0, b1), axis=0, combine_fn=_block2_combine
-        )
+        c00, c01, c10, c11, d0, d1 = tl.associative_scan((a00, a01, a10, a11, b0, b1), axis=0, combine_fn=_block2_combine)
         h0 = c00 * k0[None, :] + c01 * k1[None, :] + d0
         h1 = c10 * k0[None, :] + c11 * k1[None, :] + d1
         tl.store(h_ptr + cell * 2, h0, mask=mask)
@@ -105,9 +103,7 @@ def _scan_block2_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr,
         k1 = tl.sum(tl.where(last, h1, 0.0), axis=0)
 
 
-def scan_triton(
-    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int
-) -> torch.Tensor:
+def scan_triton(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int) -> torch.Tensor:
     """Launch the scan kernel; inputs in the compute dtype, ``chunk_size`` rounded up to a power of two.
 
     Shapes as in :mod:`seqzoo.ops.affine_scan.reference`; returns ``h`` shaped like ``b``.

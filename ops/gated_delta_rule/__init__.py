@@ -80,9 +80,7 @@ def run_delta_rule(
 
     if key_dim > triton_impl.MAX_KEY_DIM:
         fail(op, f"backend='triton' supports key_dim <= {triton_impl.MAX_KEY_DIM}, got {key_dim}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state))
     if seq <= RECURRENT_MAX_SEQ and not needs_grad:
         return triton_impl.fused_recurrent_gated_delta_rule(*args)
     return triton_impl.chunk_gated_delta_rule_triton(*args)

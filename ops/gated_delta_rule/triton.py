@@ -58,9 +58,7 @@ def _chunk_info(chunk_indices, cu_seqlens, i_c):
 
 
 @triton.jit
-def _chunk_cumsum(
-    x, out, chunk_indices, cu_seqlens, H: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr
-):
+def _chunk_cumsum(x, out, chunk_indices, cu_seqlens, H: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr):
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_t, bos, eos = _chunk_info(chunk_indices, cu_seqlens, i_c)
     o_t = i_t * BT + tl.arange(0, BT)
@@ -302,7 +300,9 @@ def _tuned_by_key_dim(kernel) -> tuple:
     (Figures from compiling for sm_90 with triton 3.9, see ``benchmarks/triton_resources.py``.)
     """
     key = ["H", "K", "V", "USE_G", "DT"]
-    return triton.autotune(configs=_state_configs(), key=key)(kernel), triton.autotune(configs=_state_configs(num_stages=1), key=key)(kernel)
+    return triton.autotune(configs=_state_configs(), key=key)(kernel), triton.autotune(configs=_state_configs(num_stages=1), key=key)(
+        kernel
+    )
 
 
 @triton.jit
@@ -400,9 +400,7 @@ def _state_forward(
 
 
 def _output_configs() -> list:
-    return autotune_configs(
-        [triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 32, 128) for nw in (4, 8)]
-    )
+    return autotune_configs([triton.Config({"BV": bv}, num_warps=nw) for bv in (64, 32, 128) for nw in (4, 8)])
 
 
 @triton.autotune(configs=_output_configs(), key=["H", "K", "V", "USE_G", "DT"])
@@ -488,9 +486,7 @@ def _dv_local(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_a += _dot(
-            _load_rows(k, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT), _load_cols(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT), DT
-        )
+        b_a += _dot(_load_rows(k, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT), _load_cols(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT), DT)
     o_r = tl.arange(0, BT)
     keep = (o_r[None, :] >= o_r[:, None]) & m_t[:, None] & m_t[None, :]
     if USE_G:
@@ -507,7 +503,9 @@ def _dv_local(
 
 
 @triton.jit
-def _dh_tile_update(b_dh, b_dv, b_do, q, w, bos, o_t, m_t, o_k, m_k, b_qscale, decay, H: tl.constexpr, K: tl.constexpr, i_h, DT: tl.constexpr):
+def _dh_tile_update(
+    b_dh, b_dv, b_do, q, w, bos, o_t, m_t, o_k, m_k, b_qscale, decay, H: tl.constexpr, K: tl.constexpr, i_h, DT: tl.constexpr
+):
     """dS ← e^{b_C} dS + (q ⊙ scale e^b)ᵀ dO − wᵀ dv' on one key tile."""
     b_qt = _load_cols(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT) * b_qscale[None, :]
     b_wt = _load_cols(w, bos, o_t, m_t, o_k, m_k, H, K, i_h, DT)

@@ -23,9 +23,7 @@ from seqzoo.ops.simple_gla.chunk import ChunkLayout, reverse_exclusive_cumsum, s
 from seqzoo.ops.utils import default_scale
 
 
-def intra_chunk_scores(
-    qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.Tensor, sub_chunk: int = 16
-) -> torch.Tensor:
+def intra_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.Tensor, sub_chunk: int = 16) -> torch.Tensor:
     """Causal scores ``A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk)`` (``j <= i``) within each chunk.
 
     Args:
@@ -78,9 +76,7 @@ def direct_chunk_scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor) -> 
 DIRECT_SPAN_LIMIT = 30.0
 
 
-def chunk_scores(
-    qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.Tensor, sub_chunk: int, span_limit: float
-) -> torch.Tensor:
+def chunk_scores(qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.Tensor, sub_chunk: int, span_limit: float) -> torch.Tensor:
     """Intra-chunk scores ``[rows, heads, num_chunks, C, C]``, each chunk by the cheapest stable form.
 
     Chunks whose largest per-key decay span ``b_0 − b_{C−1}`` is at most ``span_limit`` take the

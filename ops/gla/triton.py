@@ -28,9 +28,21 @@ BC = 16  # sub-chunk rows: the smallest tl.dot tile
 
 @triton.jit(do_not_specialize=["T"])
 def gla_intra_A_kernel(
-    q, k, gc, A, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    k,
+    gc,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One ``BC×BC`` block ``(I, J)``, ``J <= I``, of ``A_ij = scale·Σ_k q_ik k_jk exp(b_ik − b_jk)``."""
     i_c, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -81,9 +93,22 @@ def gla_intra_A_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def gla_intra_bwd_kernel(
-    q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    k,
+    gc,
+    dA,
+    dq,
+    dk,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Add the intra-chunk ``dq_i = Σ_j dA_ij k_j e^{b_i−b_j}`` and ``dk_j = Σ_i dA_ij q_i e^{b_i−b_j}``
     of one sub-chunk to ``dq, dk`` (which hold the inter-chunk part). ``dA`` already carries ``scale``."""
@@ -102,8 +127,6 @@ def gla_intra_bwd_kernel(
     m_k = o_k < K
     ptr_i = (bos + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :]
     m_ik = m_i[:, None] & m_k[None, :]
-    b_q = tl.load(q + ptr_i, mask=m_ik, other=0).to(ACC)
-    b_k = tl.load(k + ptr_i, mask=m_ik, other=0).to(ACC)
     b_g = tl.load(gc + ptr_i, mask=m_ik, other=0).to(ACC)
     row_dA = (bos + o_i)[:, None] * (H * BT) + i_h * BT
 
@@ -163,8 +186,9 @@ def gla_intra_A(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, m: Meta) -> 
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     A = q.new_zeros(m.B, m.T, m.H, BT, dtype=dtype)
     NC = BT // BC
-    gla_intra_A_kernel[(NC * NC, m.NT, m.B * m.H)](q, k, gc, A, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, K=m.K,
-                                                   BT=BT, BC=BC, BK=_tile(m.K), IS_VARLEN=m.varlen, ACC=m.acc)
+    gla_intra_A_kernel[(NC * NC, m.NT, m.B * m.H)](
+        q, k, gc, A, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, K=m.K, BT=BT, BC=BC, BK=_tile(m.K), IS_VARLEN=m.varlen, ACC=m.acc
+    )
     return A
 
 
@@ -172,18 +196,29 @@ def gla_intra_bwd(q, k, gc, dA, dq, dk, m: Meta) -> None:
     """Add the intra-chunk parts of ``dq, dk`` in place."""
     BK = _tile(m.K)
     grid = (triton.cdiv(m.K, BK), m.NT * (BT // BC), m.B * m.H)
-    gla_intra_bwd_kernel[grid](q, k, gc, dA, dq, dk, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, BT=BT, BC=BC,
-                               BK=BK, IS_VARLEN=m.varlen, ACC=m.acc)
+    gla_intra_bwd_kernel[grid](
+        q, k, gc, dA, dq, dk, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, BT=BT, BC=BC, BK=BK, IS_VARLEN=m.varlen, ACC=m.acc
+    )
 
 
 def gla_triton(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Chunked Triton GLA (differentiable). Shapes as :func:`seqzoo.ops.gla.gla`."""
-    return chunk_gated_linear_attention(q, k, v, g, 2, (gla_intra_A, gla_intra_bwd), scale=scale,
-                                        initial_state=initial_state, output_final_state=output_final_state,
-                                        cu_seqlens=cu_seqlens)
+    return chunk_gated_linear_attention(
+        q,
+        k,
+        v,
+        g,
+        2,
+        (gla_intra_A, gla_intra_bwd),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def gla_triton_recurrent(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Fused recurrent Triton GLA, forward only. Shapes as :func:`seqzoo.ops.gla.gla`."""
-    return fused_recurrent(q, k, v, g, 2, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return fused_recurrent(
+        q, k, v, g, 2, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )

@@ -81,9 +81,7 @@ def _exp_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(c.masked_fill(c < LOG_UNDERFLOW, float("-inf")))
 
 
-def chunk_coefficients(
-    log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_size: int, retrieval: str = "token"
-) -> ChunkCoefficients:
+def chunk_coefficients(log_retain: torch.Tensor, log_eta: torch.Tensor, chunk_size: int, retrieval: str = "token") -> ChunkCoefficients:
     """Closed-form coefficients of every chunk from log gates ``[B, H, T]`` (differentiable).
 
     ``retrieval="chunk"`` rewrites only the read coefficients (``beta``, ``f``, ``C``): every row but a
@@ -280,9 +278,7 @@ def neural_memory_chunk_linear(
     rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.beta, coef.f))
     scalars = (_chunk_major(x[..., None, None]) for x in (coef.beta_last, coef.f_last, coef.h_last))
     last_rows = (_chunk_major(x.unsqueeze(-1)) for x in (coef.c_last, coef.e_last))
-    y, w, s = _LinearChunkFunction.apply(
-        qc, kc, vc, theta, *rows, _chunk_major(coef.C), *scalars, *last_rows, state.weight, state.momentum
-    )
+    y, w, s = _LinearChunkFunction.apply(qc, kc, vc, theta, *rows, _chunk_major(coef.C), *scalars, *last_rows, state.weight, state.momentum)
     return from_chunks(y.movedim(0, 2), seq), LinearMemoryState(w, s)
 
 

@@ -29,17 +29,37 @@ _CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w 
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
 @triton.jit(do_not_specialize=["T", "N"])
 def _fwd_kernel(
-    q, k, v, theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
-    beta, f, c, c_last, e_last,  # [B, H, N, CHUNK], [B, H, N, CHUNK], [B, H, N, CHUNK, CHUNK], 2 x [B, H, N, CHUNK]
-    beta_last, f_last, h_last,  # [B, H, N]
-    w0, s0,  # [B, H, K, V]
+    q,
+    k,
+    v,
+    theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
+    beta,
+    f,
+    c,
+    c_last,
+    e_last,  # [B, H, N, CHUNK], [B, H, N, CHUNK], [B, H, N, CHUNK, CHUNK], 2 x [B, H, N, CHUNK]
+    beta_last,
+    f_last,
+    h_last,  # [B, H, N]
+    w0,
+    s0,  # [B, H, K, V]
     y,  # [B, T, H, V] (accumulation dtype)
-    w_start, s_start,  # [B, H, N, K, V], written when SAVE
-    w_out, s_out,  # [B, H, K, V]
-    T, N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    w_start,
+    s_start,  # [B, H, N, K, V], written when SAVE
+    w_out,
+    s_out,  # [B, H, K, V]
+    T,
+    N,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SAVE: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -95,21 +115,49 @@ def _fwd_kernel(
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
 @triton.jit(do_not_specialize=["T", "N"])
 def _bwd_kernel(
-    q, k, v, theta, dy,  # [B, T, H, K] x2, [B, T, H, V], [B, T, H], [B, T, H, V]
-    beta, f, c, c_last, e_last, beta_last, f_last, h_last,  # as in the forward
-    w_start, s_start,  # [B, H, N, K, V]
-    dw_end, ds_end,  # [B, H, K, V]: gradients of the final state (zeros when unused)
-    dq, dk,  # [NV, B, T, H, K] partial sums over value blocks
+    q,
+    k,
+    v,
+    theta,
+    dy,  # [B, T, H, K] x2, [B, T, H, V], [B, T, H], [B, T, H, V]
+    beta,
+    f,
+    c,
+    c_last,
+    e_last,
+    beta_last,
+    f_last,
+    h_last,  # as in the forward
+    w_start,
+    s_start,  # [B, H, N, K, V]
+    dw_end,
+    ds_end,  # [B, H, K, V]: gradients of the final state (zeros when unused)
+    dq,
+    dk,  # [NV, B, T, H, K] partial sums over value blocks
     dv,  # [B, T, H, V]
     d_theta,  # [NV, B, T, H]
-    d_beta, d_f, d_c_last, d_e_last,  # [NV, B, H, N, CHUNK]
+    d_beta,
+    d_f,
+    d_c_last,
+    d_e_last,  # [NV, B, H, N, CHUNK]
     d_c,  # [NV, B, H, N, CHUNK, CHUNK]
-    d_beta_last, d_f_last, d_h_last,  # [NV, B, H, N]
-    dw0, ds0,  # [B, H, K, V]
-    T, N, B,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    d_beta_last,
+    d_f_last,
+    d_h_last,  # [NV, B, H, N]
+    dw0,
+    ds0,  # [B, H, K, V]
+    T,
+    N,
+    B,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -357,16 +405,43 @@ def _ln_head(z, m_v, lnw, lnb, V: tl.constexpr, EPS: tl.constexpr):
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "HID", "CHUNK", "BH"])
 @triton.jit(do_not_specialize=["T", "N"])
 def _mlp_fwd_kernel(
-    q, k, v, theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
-    beta, f, c, c_last, e_last, beta_last, f_last, h_last,  # as in the linear kernels
-    w1, w2, s1, s2,  # [B, H, K, HID], [B, H, HID, V] x2: the working state, updated in place
-    ln_w, ln_b,  # [H, V] (read only when HAS_LNW / HAS_LNB)
+    q,
+    k,
+    v,
+    theta,  # [B, T, H, K], [B, T, H, K], [B, T, H, V], [B, T, H]
+    beta,
+    f,
+    c,
+    c_last,
+    e_last,
+    beta_last,
+    f_last,
+    h_last,  # as in the linear kernels
+    w1,
+    w2,
+    s1,
+    s2,  # [B, H, K, HID], [B, H, HID, V] x2: the working state, updated in place
+    ln_w,
+    ln_b,  # [H, V] (read only when HAS_LNW / HAS_LNB)
     y,  # [B, T, H, V]
-    T, N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, HID: tl.constexpr, CHUNK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    ACT: tl.constexpr, RESNORM: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, EPS: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    T,
+    N,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    HID: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BH: tl.constexpr,
+    ACT: tl.constexpr,
+    RESNORM: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    HAS_LNB: tl.constexpr,
+    EPS: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One program per (sequence, head): the LN head and the hidden layer couple all value columns, and
     # the weights (K·HID + HID·V, twice) do not fit in registers, so they live in global memory and

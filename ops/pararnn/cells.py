@@ -119,7 +119,7 @@ class MultiHeadGatedCell(RecurrentCell):
 class ParaGRU(MultiHeadGatedCell):
     """GRU with diagonal recurrence (``z`` weights the new candidate), state ``[B, T, N]``::
 
-        z = σ(a_z⊙h + u_z),  r = σ(a_r⊙h + u_r),  n = tanh(a_h⊙(r⊙h) + u_h),  h' = z⊙n + (1−z)⊙h
+    z = σ(a_z⊙h + u_z),  r = σ(a_r⊙h + u_r),  n = tanh(a_h⊙(r⊙h) + u_h),  h' = z⊙n + (1−z)⊙h
     """
 
     structure = "diagonal"

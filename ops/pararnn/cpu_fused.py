@@ -172,7 +172,20 @@ def newton_backward(
     if kind == "gru":
         args = (_ptr(u), _ptr(rec), _ptr(initial), _ptr(h), _ptr(grad), _ptr(du), _ptr(drec), _ptr(dinit), seq, hidden)
     else:
-        args = (_ptr(u), _ptr(rec), _ptr(peep), _ptr(initial), _ptr(h), _ptr(grad), _ptr(du), _ptr(drec), _ptr(dpeep), _ptr(dinit), seq, hidden)
+        args = (
+            _ptr(u),
+            _ptr(rec),
+            _ptr(peep),
+            _ptr(initial),
+            _ptr(h),
+            _ptr(grad),
+            _ptr(du),
+            _ptr(drec),
+            _ptr(dpeep),
+            _ptr(dinit),
+            seq,
+            hidden,
+        )
     _run_items(getattr(lib, f"seqzoo_{kind}_backward_{suffix}"), args, _items(batch, hidden))
     # Per-sequence partial sums, added here in a fixed order: the result does not depend on the thread count.
     return du, drec.sum(0), None if dpeep is None else dpeep.sum(0), dinit

@@ -304,9 +304,7 @@ def _lstm_bwd_kernel(u_ptr, a_ptr, p_ptr, h_ptr, g_ptr, lam_ptr, T, N, BT: tl.co
         m11 = tl.where(m_next, jhh, 0.0)
         g0 = tl.load(g_ptr + co, mask=mask, other=0.0)
         g1 = tl.load(g_ptr + co + N, mask=mask, other=0.0)
-        c00, c01, c10, c11, l0, l1 = tl.associative_scan(
-            (m00, m01, m10, m11, g0, g1), axis=0, combine_fn=_block2_combine
-        )
+        c00, c01, c10, c11, l0, l1 = tl.associative_scan((m00, m01, m10, m11, g0, g1), axis=0, combine_fn=_block2_combine)
         lam0 = c00 * k0[None, :] + c01 * k1[None, :] + l0
         lam1 = c10 * k0[None, :] + c11 * k1[None, :] + l1
         tl.store(lam_ptr + co, lam0, mask=mask)

@@ -78,9 +78,7 @@ def simple_gla(
         return simple_gla_chunk(q, k, v, g, **kwargs)
     from seqzoo.ops.simple_gla.triton import simple_gla_triton, simple_gla_triton_recurrent
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state))
     if seq <= RECURRENT_MAX_SEQ and not needs_grad:
         return simple_gla_triton_recurrent(q, k, v, g, **kwargs)
     return simple_gla_triton(q, k, v, g, **kwargs)

@@ -33,9 +33,7 @@ def simple_gla_reference(
         ``[batch or num_seqs, heads, key_dim, value_dim]`` (fp32; float64 for float64 inputs) or ``None``.
     """
     if cu_seqlens is not None:
-        return for_each_sequence(
-            simple_gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
-        )
+        return for_each_sequence(simple_gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale)
     batch, seq, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     # float64 inputs keep float64 so the oracle is exact enough to test float64 fast paths tightly.

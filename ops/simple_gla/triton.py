@@ -84,9 +84,18 @@ def _global_chunk(i_t, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def chunk_cumsum_kernel(
-    g, gc, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    PER_KEY: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    g,
+    gc,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PER_KEY: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -108,9 +117,26 @@ def chunk_cumsum_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V", "G_MODE"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_h_kernel(
-    k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    k,
+    v,
+    gc,
+    h,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -156,9 +182,21 @@ def chunk_fwd_h_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_scalar_A_kernel(
-    q, k, gc, A, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    G_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    k,
+    gc,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    G_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """``A_ij = scale·(q_i·k_j)·exp(b_i − b_j)`` for ``j <= i`` inside a chunk (scalar or no gate)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -187,9 +225,25 @@ def chunk_scalar_A_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V", "G_MODE"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_o_kernel(
-    q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    v,
+    gc,
+    h,
+    A,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -222,9 +276,27 @@ def chunk_fwd_o_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V", "G_MODE"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dh_kernel(
-    q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    do,
+    gc,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Walk chunks backwards; ``dh[n]`` is the gradient of the state *leaving* chunk ``n``."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -268,9 +340,21 @@ def chunk_bwd_dh_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dA_kernel(
-    v, do, gc, dA, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    v,
+    do,
+    gc,
+    dA,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """``dA_ij = scale·(dO_i·v_j)`` for ``j <= i``; times ``exp(b_i − b_j)`` for a scalar gate."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -298,9 +382,24 @@ def chunk_bwd_dA_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V", "G_MODE"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dv_kernel(
-    k, do, gc, A, dh, dv, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    k,
+    do,
+    gc,
+    A,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """``dv = Aᵀ dO + (k ⊙ e^{b_last − b}) dh``."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -339,9 +438,29 @@ def chunk_bwd_dv_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V", "G_MODE"])
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dqk_kernel(
-    q, k, v, do, gc, h, dh, dA, dq, dk, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    k,
+    v,
+    do,
+    gc,
+    h,
+    dh,
+    dA,
+    dq,
+    dk,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Inter-chunk ``dq, dk``; for ``G_MODE < 2`` also the intra-chunk part from the gated ``dA``."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -394,9 +513,26 @@ def chunk_bwd_dqk_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def fused_recurrent_kernel(
-    q, k, v, g, o, h0, ht, cu_seqlens, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_MODE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    o,
+    h0,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G_MODE: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Step-by-step recurrence with the ``[BK, BV]`` state in registers; ``o`` holds one partial per K-block."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -475,8 +611,9 @@ def chunk_cumsum(g: torch.Tensor, m: Meta) -> torch.Tensor:
     gc = torch.empty(g.shape, dtype=dtype, device=g.device)
     BK = _tile(m.K) if per_key else 16
     grid = (triton.cdiv(m.K, BK) if per_key else 1, m.NT, m.B * m.H)
-    chunk_cumsum_kernel[grid](g, gc, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, BT=BT, BK=BK,
-                              PER_KEY=per_key, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_cumsum_kernel[grid](
+        g, gc, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, BT=BT, BK=BK, PER_KEY=per_key, IS_VARLEN=m.varlen, ACC=m.acc
+    )
     return gc
 
 
@@ -489,16 +626,49 @@ def chunk_fwd_h(k, v, gc, h0, store_ht: bool, m: Meta):
     def grid(meta):
         return (triton.cdiv(m.K, meta["BK"]), triton.cdiv(m.V, meta["BV"]), m.N * m.H)
 
-    chunk_fwd_h_kernel[grid](k, v, gc, h, h0, ht, m.cu_seqlens, m.chunk_offsets, m.T, H=m.H, K=m.K, V=m.V, BT=BT,
-                             G_MODE=m.g_mode, USE_H0=h0 is not None, STORE_HT=store_ht, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_fwd_h_kernel[grid](
+        k,
+        v,
+        gc,
+        h,
+        h0,
+        ht,
+        m.cu_seqlens,
+        m.chunk_offsets,
+        m.T,
+        H=m.H,
+        K=m.K,
+        V=m.V,
+        BT=BT,
+        G_MODE=m.g_mode,
+        USE_H0=h0 is not None,
+        STORE_HT=store_ht,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     return h, ht
 
 
 def chunk_scalar_A(q, k, gc, m: Meta) -> torch.Tensor:
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     A = q.new_empty(m.B, m.T, m.H, BT, dtype=dtype)
-    chunk_scalar_A_kernel[(m.NT, m.B * m.H)](q, k, gc, A, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, K=m.K,
-                                              BT=BT, BK=_tile(m.K), G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_scalar_A_kernel[(m.NT, m.B * m.H)](
+        q,
+        k,
+        gc,
+        A,
+        m.cu_seqlens,
+        m.chunk_indices,
+        m.scale,
+        m.T,
+        H=m.H,
+        K=m.K,
+        BT=BT,
+        BK=_tile(m.K),
+        G_MODE=m.g_mode,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     return A
 
 
@@ -508,8 +678,25 @@ def chunk_fwd_o(q, v, gc, h, A, m: Meta) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(m.V, meta["BV"]), m.NT, m.B * m.H)
 
-    chunk_fwd_o_kernel[grid](q, v, gc, h, A, o, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, K=m.K, V=m.V, BT=BT,
-                             G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_fwd_o_kernel[grid](
+        q,
+        v,
+        gc,
+        h,
+        A,
+        o,
+        m.cu_seqlens,
+        m.chunk_indices,
+        m.scale,
+        m.T,
+        H=m.H,
+        K=m.K,
+        V=m.V,
+        BT=BT,
+        G_MODE=m.g_mode,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     return o
 
 
@@ -547,27 +734,82 @@ def chunk_backward(q, k, v, gc, h0, A, do, dht, m: Meta, intra_bwd=None):
     def state_grid(meta):
         return (triton.cdiv(m.K, meta["BK"]), triton.cdiv(m.V, meta["BV"]), m.N * m.H)
 
-    chunk_bwd_dh_kernel[state_grid](q, do, gc, dh, dht, dh0, m.cu_seqlens, m.chunk_offsets, m.scale, m.T, H=m.H, K=m.K,
-                                    V=m.V, BT=BT, G_MODE=m.g_mode, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
-                                    IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_bwd_dh_kernel[state_grid](
+        q,
+        do,
+        gc,
+        dh,
+        dht,
+        dh0,
+        m.cu_seqlens,
+        m.chunk_offsets,
+        m.scale,
+        m.T,
+        H=m.H,
+        K=m.K,
+        V=m.V,
+        BT=BT,
+        G_MODE=m.g_mode,
+        USE_DHT=dht is not None,
+        STORE_DH0=h0 is not None,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     dA = q.new_empty(m.B, m.T, m.H, BT, dtype=dtype)
-    chunk_bwd_dA_kernel[(m.NT, m.B * m.H)](v, do, gc, dA, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, V=m.V,
-                                            BT=BT, BV=_tile(m.V), G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_bwd_dA_kernel[(m.NT, m.B * m.H)](
+        v,
+        do,
+        gc,
+        dA,
+        m.cu_seqlens,
+        m.chunk_indices,
+        m.scale,
+        m.T,
+        H=m.H,
+        V=m.V,
+        BT=BT,
+        BV=_tile(m.V),
+        G_MODE=m.g_mode,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     dv = torch.empty_like(v, dtype=dtype)
 
     def v_grid(meta):
         return (triton.cdiv(m.V, meta["BV"]), m.NT, m.B * m.H)
 
-    chunk_bwd_dv_kernel[v_grid](k, do, gc, A, dh, dv, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, V=m.V, BT=BT,
-                                G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_bwd_dv_kernel[v_grid](
+        k, do, gc, A, dh, dv, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, V=m.V, BT=BT, G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc
+    )
     dq = torch.empty_like(q, dtype=dtype)
     dk = torch.empty_like(k, dtype=dtype)
 
     def k_grid(meta):
         return (triton.cdiv(m.K, meta["BK"]), m.NT, m.B * m.H)
 
-    chunk_bwd_dqk_kernel[k_grid](q, k, v, do, gc, h, dh, dA, dq, dk, m.cu_seqlens, m.chunk_indices, m.scale, m.T,
-                                 H=m.H, K=m.K, V=m.V, BT=BT, G_MODE=m.g_mode, IS_VARLEN=m.varlen, ACC=m.acc)
+    chunk_bwd_dqk_kernel[k_grid](
+        q,
+        k,
+        v,
+        do,
+        gc,
+        h,
+        dh,
+        dA,
+        dq,
+        dk,
+        m.cu_seqlens,
+        m.chunk_indices,
+        m.scale,
+        m.T,
+        H=m.H,
+        K=m.K,
+        V=m.V,
+        BT=BT,
+        G_MODE=m.g_mode,
+        IS_VARLEN=m.varlen,
+        ACC=m.acc,
+    )
     if intra_bwd is not None:
         intra_bwd(q, k, gc, dA, dq, dk, m)
     return dq, dk, dv, dh0
@@ -649,19 +891,56 @@ def fused_recurrent(q, k, v, g, g_mode, *, scale, initial_state, output_final_st
     o = q.new_empty(NK, B, T, H, V, dtype=state_dtype)
     ht = q.new_empty(N, H, K, V, dtype=state_dtype) if output_final_state else None
     fused_recurrent_kernel[(triton.cdiv(V, BV), NK, N * H)](
-        q, k, v, g, o, h0, ht, cu, scale, T, H=H, K=K, V=V, BK=BK, BV=BV, G_MODE=g_mode, USE_H0=h0 is not None,
-        STORE_HT=output_final_state, IS_VARLEN=cu is not None, ACC=_acc_dtype(q.dtype),
+        q,
+        k,
+        v,
+        g,
+        o,
+        h0,
+        ht,
+        cu,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        G_MODE=g_mode,
+        USE_H0=h0 is not None,
+        STORE_HT=output_final_state,
+        IS_VARLEN=cu is not None,
+        ACC=_acc_dtype(q.dtype),
     )
     return o.sum(0).to(in_dtype), ht
 
 
 def simple_gla_triton(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Chunked Triton simple GLA (differentiable). Shapes as :func:`seqzoo.ops.simple_gla.simple_gla`."""
-    return chunk_gated_linear_attention(q, k, v, g, 0 if g is None else 1, None, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return chunk_gated_linear_attention(
+        q,
+        k,
+        v,
+        g,
+        0 if g is None else 1,
+        None,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def simple_gla_triton_recurrent(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Fused recurrent Triton simple GLA, forward only. Shapes as :func:`seqzoo.ops.simple_gla.simple_gla`."""
-    return fused_recurrent(q, k, v, g, 0 if g is None else 1, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return fused_recurrent(
+        q,
+        k,
+        v,
+        g,
+        0 if g is None else 1,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

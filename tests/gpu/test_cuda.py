@@ -111,7 +111,9 @@ def _simple_gla(x, backend):
 
 
 def _gated_delta(x, backend):
-    return gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"], output_final_state=True, backend=backend)
+    return gated_delta_rule(
+        x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"], output_final_state=True, backend=backend
+    )
 
 
 def _delta(x, backend):
@@ -122,8 +124,18 @@ def _memory(memory: str, retrieval: str, chunk_size: int = 16):
     def call(x, backend):
         inputs, state = x
         return neural_memory(
-            inputs["q"], inputs["k"], inputs["v"], inputs["lr"], inputs["momentum"], inputs["decay"],
-            chunk_size=chunk_size, memory=memory, initial_state=state, output_final_state=True, backend=backend, retrieval=retrieval,
+            inputs["q"],
+            inputs["k"],
+            inputs["v"],
+            inputs["lr"],
+            inputs["momentum"],
+            inputs["decay"],
+            chunk_size=chunk_size,
+            memory=memory,
+            initial_state=state,
+            output_final_state=True,
+            backend=backend,
+            retrieval=retrieval,
         )
 
     return call
@@ -151,7 +163,13 @@ OP_CASES = [
     OpCase("memory_linear_token", lambda: memory_inputs(2, 300, 3, 64, 64), _memory("linear", "token"), 1e-4),
     OpCase("memory_linear_chunk", lambda: memory_inputs(2, 300, 3, 64, 64), _memory("linear", "chunk"), 1e-4),
     OpCase("memory_linear_c64", lambda: memory_inputs(1, 300, 2, 64, 64), _memory("linear", "token", 64), 1e-4),
-    OpCase("memory_mlp_token", lambda: memory_inputs(2, 300, 3, 32, 32, hidden=64, memory="mlp"), _memory("mlp", "token"), 1e-4, triton_grads=False),
+    OpCase(
+        "memory_mlp_token",
+        lambda: memory_inputs(2, 300, 3, 32, 32, hidden=64, memory="mlp"),
+        _memory("mlp", "token"),
+        1e-4,
+        triton_grads=False,
+    ),
     OpCase("scan_diag", lambda: scan_inputs("diag", 2, 1000, 256, F64), _scan(False), 1e-5),
     OpCase("scan_diag_reverse", lambda: scan_inputs("diag", 2, 1000, 256, F64), _scan(True), 1e-5),
     OpCase("scan_2x2", lambda: scan_inputs("block2", 2, 1000, 128, F64), _scan(False), 1e-5),

@@ -290,9 +290,7 @@ def test_gradients_without_final_state(backend):
     grads = {}
     for b in ("reference", backend):
         xs = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-        o, ht = gated_delta_rule(
-            xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], initial_state=xs["initial_state"], backend=b
-        )
+        o, ht = gated_delta_rule(xs["q"], xs["k"], xs["v"], xs["beta"], xs["g"], initial_state=xs["initial_state"], backend=b)
         assert ht is None
         grads[b] = torch.autograd.grad(o.square().sum(), list(xs.values()))
     for name, a, r in zip(NAMES, grads[backend], grads["reference"]):

@@ -65,8 +65,18 @@ def make_inputs(
 
 def run(x, state, backend, chunk_size, memory="linear", **kw):
     return neural_memory(
-        x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
-        chunk_size=chunk_size, memory=memory, initial_state=state, output_final_state=True, backend=backend, **kw,
+        x["q"],
+        x["k"],
+        x["v"],
+        x["lr"],
+        x["momentum"],
+        x["decay"],
+        chunk_size=chunk_size,
+        memory=memory,
+        initial_state=state,
+        output_final_state=True,
+        backend=backend,
+        **kw,
     )
 
 
@@ -387,7 +397,11 @@ def _bad_calls():
         ("mlp w2 shape", dict(memory="mlp", initial_state=mst._replace(w2=mst.w2[..., :3])), "initial_state.w2 has shape"),
         ("mlp activation", dict(memory="mlp", initial_state=mst, mlp_activation="swish"), "mlp_activation"),
         ("ln on linear", dict(mlp_residual_norm=True), "memory='mlp' only"),
-        ("ln weight shape", dict(memory="mlp", initial_state=mst, mlp_residual_norm=True, ln_weight=torch.ones(3, 6, dtype=F64)), "ln_weight has shape"),
+        (
+            "ln weight shape",
+            dict(memory="mlp", initial_state=mst, mlp_residual_norm=True, ln_weight=torch.ones(3, 6, dtype=F64)),
+            "ln_weight has shape",
+        ),
         ("mlp triton grad", dict(memory="mlp", initial_state=mst, backend="triton", q=q.clone().requires_grad_()), "inference-only"),
     ]
 
@@ -556,7 +570,9 @@ def test_triton_mlp_forward_matches_reference(case):
     )  # fmt: skip
     kw = dict(mlp_activation=case["act"], mlp_residual_norm=case["ln"], retrieval=case.get("retrieval", "token"))
     if case["ln"]:
-        kw.update(ln_weight=1 + 0.3 * torch.randn(2, case["value_dim"], dtype=dtype), ln_bias=0.1 * torch.randn(2, case["value_dim"], dtype=dtype))
+        kw.update(
+            ln_weight=1 + 0.3 * torch.randn(2, case["value_dim"], dtype=dtype), ln_bias=0.1 * torch.randn(2, case["value_dim"], dtype=dtype)
+        )
     o, final = run(x, state, "triton", case["chunk"], "mlp", **kw)
     o_ref, final_ref = run(x, state, "reference", case["chunk"], "mlp", **kw)
     tol = 1e-12 if dtype == F64 else 2e-5

@@ -306,7 +306,9 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 @pytest.mark.parametrize("seq", [1, 37])
 def test_fused_equals_parallel(cell_cls, dtype, seq):
     cell, x, h0 = make(cell_cls, input_size=8, hidden=8, seq=seq, dtype=dtype)
-    out, final, info = pararnn(cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True)
+    out, final, info = pararnn(
+        cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True
+    )
     ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", max_iters=3, output_final_state=True)
     assert out.dtype == dtype and info.iterations == 3
     assert_rel_close(out, ref, TOL[dtype])

@@ -82,8 +82,15 @@ def test_small_chunk_size_matches_reference():
 def split_by_sequence(fn, q, k, v, g, h0, offsets, **kwargs):
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
-        o, ht = fn(q[:, a:b], k[:, a:b], v[:, a:b], None if g is None else g[:, a:b],
-                   initial_state=h0[i : i + 1], output_final_state=True, **kwargs)
+        o, ht = fn(
+            q[:, a:b],
+            k[:, a:b],
+            v[:, a:b],
+            None if g is None else g[:, a:b],
+            initial_state=h0[i : i + 1],
+            output_final_state=True,
+            **kwargs,
+        )
         outs.append(o)
         finals.append(ht)
     return torch.cat(outs, 1), torch.cat(finals, 0)
