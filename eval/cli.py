@@ -142,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--override", nargs="+", default=[], help="extra Hydra overrides for every run, e.g. model.num_layers=2")
-    sweep.add_argument("--repo-root", default=".", help="the checkout holding train.py and configs/ (default: .)")
     sweep.add_argument("--out", help="output folder (default: results/mqar-sweep)")
     sweep.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
@@ -204,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``seqzoo-eval``; errors in the inputs print one line and return 1."""
     args = build_parser().parse_args(argv)
     out = args.out or os.path.join("results", args.command)
-    from seqzoo.models.registry import ConfigError
+    from seqzoo.configs import ConfigError
 
     try:
         if args.command == "ppl":
@@ -241,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 lrs=args.lr,
                 overrides=args.override,
-                repo_root=args.repo_root,
                 device=args.device,
                 seed=args.seed,
             )

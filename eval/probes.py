@@ -29,7 +29,7 @@ from seqzoo.eval.measure import sync
 from seqzoo.eval.report import write_report
 from seqzoo.models import LanguageModel
 from seqzoo.models.cache import ModelCache
-from seqzoo.models.checkpoint import load_language_model
+from seqzoo.training.checkpoint import load_language_model
 
 Predictor = Callable[[torch.Tensor, int], list[bytes]]
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

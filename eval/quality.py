@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from seqzoo.data.mqar import MQARSegment, generate_mqar
 from seqzoo.data.text import TextDataModule
 from seqzoo.eval.report import write_report
-from seqzoo.models.checkpoint import load_language_model
+from seqzoo.training.checkpoint import load_language_model
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """``seqzoo-eval mqar-sweep``: the recall–memory trade-off of Zoology / Based (``mqar.md`` setup (b)).
 
 For every named model config (and width), train on an MQAR data config with the repository's
-``train.run``, take the test accuracy per segment from that run's own test stage, and measure the state
+``seqzoo.training.run`` (what ``python train.py`` runs, with the config groups installed in ``seqzoo.configs``), take the test accuracy per segment from that run's own test stage, and measure the state
 the model carries at the longest test length (``LanguageModel.state_size``, bytes). The result is
 ``mqar_sweep.json`` / ``.md`` / ``.png`` (accuracy against state bytes, log x axis, as in Zoology's plot).
 
@@ -11,46 +11,15 @@ The published sweep trains for 32 epochs on 180k examples; on a CPU the same mix
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from seqzoo.eval.report import write_report
 
 _CMD = "mqar-sweep"
-
-
-def load_train_module(repo_root: str | Path) -> ModuleType:
-    """Import ``train.py`` from ``repo_root`` (the checkout holding ``train.py`` and ``configs/``).
-
-    Reuses an already imported ``train`` module when it is that same file.
-    """
-    path = (Path(repo_root) / "train.py").resolve()
-    if not path.is_file() or not (path.parent / "configs" / "model").is_dir():
-        raise FileNotFoundError(
-            f"{_CMD}: no train.py with configs/model/ in {Path(repo_root).resolve()} (pass --repo-root, the seqzoo checkout)"
-        )
-    loaded = sys.modules.get("train")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
-        return loaded
-    spec = importlib.util.spec_from_file_location("train", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        sys.modules.pop("train", None)
-        raise
-    return module
-
-
-def _config_names(config_dir: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
 def _scaled(segments: Sequence[Any], scale: float | None, max_seq_len: int | None, examples: int | None) -> list[dict[str, int]]:
@@ -84,7 +53,6 @@ def mqar_sweep(
     batch_size: int | None = None,
     lrs: Sequence[float] | None = None,
     overrides: Sequence[str] = (),
-    repo_root: str | Path = ".",
     device: str = "cpu",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
@@ -103,7 +71,6 @@ def mqar_sweep(
         lrs: AdamW learning rates to try per model and width; the row keeps the best test accuracy, as
             Zoology reports the max over its learning rates (default: the config's one rate).
         overrides: extra Hydra overrides applied to every run (``model.num_layers=2`` …), before the scaling.
-        repo_root: the checkout holding ``train.py`` and ``configs/``.
         device: ``"cpu"`` or ``"cuda"`` (the Lightning accelerator).
         seed: run seed (data and init).
 
@@ -123,22 +90,20 @@ def mqar_sweep(
         raise ValueError(f"{_CMD}: learning rates must be > 0, got {list(lrs)}")
     if widths is not None and any(w < 1 for w in widths):
         raise ValueError(f"{_CMD}: widths must be positive, got {list(widths)}")
-    train = load_train_module(repo_root)
-    config_dir = Path(train.CONFIG_DIR)
-    known = _config_names(config_dir, "model")
+    from seqzoo.configs import ConfigError, config_names
+    from seqzoo.training import compose, run
+
+    known = config_names("model")
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ValueError(f"{_CMD}: unknown model config(s) {', '.join(unknown)}; known: {', '.join(known)}")
     data = Path(data).stem if data.endswith(".yaml") else data
-    if data not in _config_names(config_dir, "data"):
-        raise ValueError(f"{_CMD}: unknown data config {data!r}; known: {', '.join(_config_names(config_dir, 'data'))}")
+    if data not in config_names("data"):
+        raise ValueError(f"{_CMD}: unknown data config {data!r}; known: {', '.join(config_names('data'))}")
 
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     from seqzoo.models import LanguageModel
-    from seqzoo.models.registry import ConfigError
     from seqzoo.ops.utils import OpInputError
 
     out_dir = Path(out_dir)
@@ -168,10 +133,9 @@ def mqar_sweep(
                 if lr is not None:
                     run_overrides.append(f"optim.lr={lr}")
                 try:
-                    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-                        cfg = compose("config", overrides=run_overrides)
-                except ConfigCompositionException as exc:
-                    raise ConfigError(f"{_CMD}: {str(exc).splitlines()[0]}") from None
+                    cfg = compose(run_overrides)
+                except ConfigError as exc:
+                    raise ConfigError(f"{_CMD}: {exc}") from None
                 if "test_segments" not in cfg.data:
                     raise ValueError(f"{_CMD}: data config {data!r} is not an MQAR config (no test_segments)")
                 train_segments = _scaled(cfg.data.train_segments, train_examples_scale, max_seq_len, None)
@@ -189,7 +153,7 @@ def mqar_sweep(
                 start = time.perf_counter()
                 note = ""
                 try:
-                    result = train.run(cfg, out_dir / "runs" / label)
+                    result = run(cfg, out_dir / "runs" / label)
                 except OpInputError as exc:
                     # An op refusing NaN/Inf mid-training means this run diverged: a result, not a reason to
                     # lose the rest of the sweep.

@@ -4,6 +4,7 @@ Token mixers are registered by name (:func:`register_mixer`) and stacked by
 :class:`LanguageModel` from a pattern of names, so a hybrid is a config, not a class.
 """
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention
 from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import LayerCache, ModelCache
@@ -15,7 +16,7 @@ from seqzoo.models.linear_attention import LinearAttention
 from seqzoo.models.mamba2 import Mamba2
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
 from seqzoo.models.pararnn import ParaGRUMixer, ParaLSTMMixer
-from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class, mixer_names, register_mixer
+from seqzoo.models.registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 from seqzoo.models.retnet import MultiScaleRetention
 from seqzoo.models.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
 

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import RotaryEmbedding
-from seqzoo.models.registry import ConfigError, register_mixer
+from seqzoo.models.registry import register_mixer
 
 
 def causal_mask(num_queries: int, past: int, window_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqzoo.models.registry import ConfigError
+from seqzoo.configs import ConfigError
 
 __all__ = ["FEATURE_MAPS", "EluFeatureMap", "FeatureMap", "IdentityFeatureMap", "TaylorFeatureMap", "build_feature_map"]
 

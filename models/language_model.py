@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import ModelCache
 from seqzoo.models.modules import RMSNorm, SwiGLU
-from seqzoo.models.registry import ConfigError, build_mixer, get_mixer_class
+from seqzoo.models.registry import build_mixer, get_mixer_class
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import ShortConvolution
-from seqzoo.models.registry import ConfigError
 
 __all__ = ["LinearMixer", "init_a_log", "init_dt_bias", "merge_heads", "no_weight_decay", "require", "split_heads"]
 

@@ -22,10 +22,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, ShortConvolution, upcast
-from seqzoo.models.registry import ConfigError, register_mixer
+from seqzoo.models.registry import register_mixer
 from seqzoo.ops.pararnn import FUSED_BACKENDS, MODES, ParaGRU, ParaLSTM, pararnn
 
 _GUESSES = ("f0", "zeros")

@@ -12,10 +12,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A one-line error for a bad model or run configuration."""
-
+from seqzoo.configs import ConfigError
 
 MixerT = TypeVar("MixerT", bound=type[nn.Module])
 

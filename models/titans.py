@@ -26,11 +26,12 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
 from seqzoo.models.base import TokenMixer, check_hidden
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
-from seqzoo.models.registry import ConfigError, register_mixer
+from seqzoo.models.registry import register_mixer
 from seqzoo.ops import LinearMemoryState, MLPMemoryState, l2norm, neural_memory
 from seqzoo.ops.neural_memory import RETRIEVALS
 

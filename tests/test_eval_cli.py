@@ -6,9 +6,8 @@ import re
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
+import seqzoo.training as training
 from seqzoo.eval.cli import main
 from seqzoo.eval.measure import peak_memory
 
@@ -23,9 +22,8 @@ COMMON = [
 
 def trained(tmp_path_factory, name, overrides):
     out = tmp_path_factory.mktemp(name)
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=[*COMMON, *overrides])
-    result = train.run(cfg, out)
+    cfg = training.compose([*COMMON, *overrides])
+    result = training.run(cfg, out)
     return out / "checkpoints" / "last.ckpt", result
 
 

@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import train
+import seqzoo.training as training
 from seqzoo.models import ConfigError, LanguageModel, build_mixer
 from seqzoo.models.feature_maps import build_feature_map
 from seqzoo.models.retnet import retention_decays
@@ -208,8 +207,7 @@ def test_mamba2_inits_and_vanishing_step_limits():
 
 
 def compose_model(name: str, *overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=[f"model={name}", "data.vocab_size=64", "model.hidden_size=32", *overrides])
+    cfg = training.compose([f"model={name}", "data.vocab_size=64", "model.hidden_size=32", *overrides])
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
@@ -249,7 +247,7 @@ NEW_CONFIGS = [*NAMES[:1], *NAMES[2:], "hybrid_gdn_3to1", "hybrid_hgrn2_6to1", "
 @pytest.mark.parametrize("config", NEW_CONFIGS)
 def test_config_trains_one_step(tmp_path, config):
     cfg = make_cfg(f"model={config}", "trainer.max_steps=1", "test_after_fit=false", "checkpoint_every_n_steps=100")
-    result = train.run(cfg, tmp_path)
+    result = training.run(cfg, tmp_path)
     assert len(result["losses"]) == 1 and math.isfinite(result["losses"][0][1])
 
 

@@ -5,10 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import train
+import seqzoo.training
 from seqzoo.eval.cli import main
 from seqzoo.eval.report import format_value
 from seqzoo.models import LanguageModel
@@ -36,7 +35,7 @@ def test_tiny_sweep_writes_rows_matching_the_table_and_state_bytes(tmp_path, cap
     out = tmp_path / "sweep"
     argv = [
         "mqar-sweep", "--models", "attention", "pararnn_gru", "--widths", "16", "--data", "mqar", "--steps", "2",
-        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT),
+        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8",
         "--out", str(out), "--device", "cpu", "--override", *TINY,
     ]  # fmt: skip
     assert main(argv) == 0
@@ -62,8 +61,7 @@ def test_tiny_sweep_writes_rows_matching_the_table_and_state_bytes(tmp_path, cap
 
     # State bytes: the KV cache at the test length for attention, the constant recurrent state for ParaGRU.
     for row in rows:
-        with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-            cfg = compose("config", overrides=[f"model={row['model']}", "model.hidden_size=16", "data.vocab_size=64"])
+        cfg = seqzoo.training.compose([f"model={row['model']}", "model.hidden_size=16", "data.vocab_size=64"])
         model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))
         assert row["state_bytes"] == model.state_size(batch=1, seq_len=32)
         assert row["params"] == model.num_parameters()
@@ -73,23 +71,27 @@ def test_tiny_sweep_writes_rows_matching_the_table_and_state_bytes(tmp_path, cap
 
 
 def test_bad_model_name_is_one_line(tmp_path, capsys):
-    assert main(["mqar-sweep", "--models", "attention", "nope", "--repo-root", str(ROOT), "--out", str(tmp_path)]) == 1
+    assert main(["mqar-sweep", "--models", "attention", "nope", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model config(s) nope; known: " in err and "attention" in err
     assert not (tmp_path / "mqar_sweep.json").exists()
 
 
-def test_missing_repo_root_is_one_line(tmp_path, capsys):
-    assert main(["mqar-sweep", "--models", "attention", "--repo-root", str(tmp_path), "--out", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no train.py with configs/model/ in" in err and "--repo-root" in err
+def test_the_sweep_runs_outside_a_checkout(tmp_path, monkeypatch):
+    # The config groups come with the package (seqzoo.configs), not from the working directory.
+    monkeypatch.chdir(tmp_path)
+    argv = ["mqar-sweep", "--models", "attention", "--widths", "16", "--data", "mqar", "--steps", "1",
+            "--max-seq-len", "16", "--train-examples-scale", "1", "--batch-size", "8", "--out", "sweep", "--device", "cpu", "--override", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "sweep" / "mqar_sweep.json").read_text())["rows"][0]["model"] == "attention"
+    assert not (tmp_path / "configs").exists()
 
 
 def test_several_learning_rates_keep_the_best_run(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = [
         "mqar-sweep", "--models", "attention", "--widths", "16", "--data", "mqar", "--steps", "3", "--lr", "1e-4", "3e-2", "--train-examples-scale", "0.5",
-        "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT), "--out", str(out), "--device", "cpu",
+        "--max-seq-len", "32", "--batch-size", "8", "--out", str(out), "--device", "cpu",
         "--override", *TINY,
     ]  # fmt: skip
     assert main(argv) == 0
@@ -107,7 +109,7 @@ def test_several_learning_rates_keep_the_best_run(tmp_path, capsys):
 
 
 def test_non_positive_learning_rate_is_one_line(tmp_path, capsys):
-    assert main(["mqar-sweep", "--models", "attention", "--lr", "0", "--repo-root", str(ROOT), "--out", str(tmp_path)]) == 1
+    assert main(["mqar-sweep", "--models", "attention", "--lr", "0", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "learning rates must be > 0" in err
 
@@ -115,17 +117,17 @@ def test_non_positive_learning_rate_is_one_line(tmp_path, capsys):
 def test_a_diverged_run_is_a_nan_row_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     from seqzoo.ops.utils import OpInputError
 
-    real_run = train.run
+    real_run = seqzoo.training.run
 
     def run(cfg, output_dir):
         if cfg.model.pattern[0] == "attention":
             raise OpInputError("neural_memory: lr contains NaN or Inf")
         return real_run(cfg, output_dir)
 
-    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(seqzoo.training, "run", run)
     argv = [
         "mqar-sweep", "--models", "attention", "pararnn_gru", "--widths", "16", "--data", "mqar", "--steps", "2",
-        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8", "--repo-root", str(ROOT),
+        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8",
         "--out", str(tmp_path), "--device", "cpu", "--override", *TINY,
     ]  # fmt: skip
     assert main(argv) == 0

@@ -9,10 +9,9 @@ only ``max_iters >= seq`` is guaranteed exact; that case is checked with ``max_i
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import train
+import seqzoo.training as training
 from seqzoo.models import ConfigError, LanguageModel, LayerCache, build_mixer
 from tests.helpers import assert_rel_close
 from tests.test_training import TINY
@@ -167,10 +166,9 @@ def test_bad_input_shape_is_one_line():
 
 @pytest.mark.parametrize("name", MIXERS)
 def test_config_trains_one_step(tmp_path, name):
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=[f"model={name}", *TINY, "trainer.max_steps=2", "test_after_fit=false"])
+    cfg = training.compose([f"model={name}", *TINY, "trainer.max_steps=2", "test_after_fit=false"])
     assert OmegaConf.to_container(cfg.model, resolve=True)["pattern"] == [name]
-    result = train.run(cfg, tmp_path)
+    result = training.run(cfg, tmp_path)
     losses = [loss for _, loss in result["losses"]]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

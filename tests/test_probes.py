@@ -6,9 +6,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train
+import seqzoo.training as training
 from seqzoo.data.niah import (
     KINDS,
     SNAP_BYTES,
@@ -22,7 +21,7 @@ from seqzoo.data.niah import (
 )
 from seqzoo.eval.cli import main
 from seqzoo.eval.probes import greedy_predictor, needle_prompt_lengths, score_niah, state_norms
-from seqzoo.models.checkpoint import load_language_model
+from seqzoo.training.checkpoint import load_language_model
 
 ANSWER = {
     "passkey": rb"The pass key is (\d+)\. Remember it\.",
@@ -104,9 +103,8 @@ def test_oracle_scores_one_and_a_constant_answer_scores_chance():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_data_configs_compose_and_give_fixed_length_batches(kind):
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=[f"data=niah_{kind}", "data.seq_len=200", "data.batch_size=2", "data.num_train=4"])
-    datamodule = train.build_datamodule(cfg)
+    cfg = training.compose([f"data=niah_{kind}", "data.seq_len=200", "data.batch_size=2", "data.num_train=4"])
+    datamodule = training.build_datamodule(cfg)
     assert isinstance(datamodule, NIAHDataModule) and datamodule.vocab_size == 257 and cfg.model.vocab_size == 257
     datamodule.setup("fit")
     batch = next(iter(torch.utils.data.DataLoader(datamodule.train_set, batch_size=2)))
@@ -141,9 +139,8 @@ def needle_run(tmp_path_factory):
         "trainer.val_check_interval=3",
         "checkpoint_every_n_steps=3",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=overrides)
-    result = train.run(cfg, out)
+    cfg = training.compose(overrides)
+    result = training.run(cfg, out)
     return out / "checkpoints" / "last.ckpt", result
 
 

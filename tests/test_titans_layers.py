@@ -1,14 +1,13 @@
 """Titans layers (titans_lmm, titans_mag, titans_mal, titans_mac): streaming == one call (also mid-chunk and
 mid-segment), token-by-token decode == parallel, causality (inside a chunk and inside a MAC segment),
-gradients, cache size, option errors, configs train through ``train.run``."""
+gradients, cache size, option errors, configs train through ``seqzoo.training.run``."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from hydra import compose, initialize_config_dir
 
-import train
+import seqzoo.training as training
 from seqzoo.models import ConfigError, LanguageModel, build_mixer
 from seqzoo.models.titans import TitansMAC
 from seqzoo.ops import LinearMemoryState, neural_memory
@@ -203,9 +202,8 @@ def test_language_model_generate_with_cache_equals_without():
 
 @pytest.mark.parametrize("model", ["titans_lmm", "titans_mag", "titans_mal", "titans_mac"])
 def test_config_composes_and_trains_one_step(model, tmp_path):
-    with initialize_config_dir(version_base="1.3", config_dir=train.CONFIG_DIR):
-        cfg = compose("config", overrides=[*TINY, f"model={model}", "trainer.max_steps=2", "test_after_fit=false"])
-    result = train.run(cfg, tmp_path)
+    cfg = training.compose([*TINY, f"model={model}", "trainer.max_steps=2", "test_after_fit=false"])
+    result = training.run(cfg, tmp_path)
     losses = [loss for _, loss in result["losses"]]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
 
