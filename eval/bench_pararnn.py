@@ -2,12 +2,12 @@
 
 For every cell and sequence length the same cell, input and thread count run both ways:
 
-* ``parallel``: :func:`seqzoo.ops.pararnn.pararnn` with ``mode="parallel"`` (Newton iterations over
-  ``affine_scan``, adjoint backward);
-* ``sequential``: ``mode="sequential"``, the token loop, differentiated by autograd through the loop
+* ``parallel``: :func:`seqzoo.ops.pararnn.pararnn` with Newton iterations over ``affine_scan`` and the adjoint
+  backward (``backend="torch"`` on CPU, ``"triton"`` on CUDA);
+* ``sequential``: ``backend="reference"``, the token loop, differentiated by autograd through the loop
   (what training a nonlinear RNN costs without ParaRNN);
-* ``fused``: ``mode="fused"``, the whole Newton loop in one kernel per call (``pararnn.md`` §1.7): Triton on
-  CUDA, the compiled C++ kernel on CPU (which also fuses the backward). Where it cannot run (no compiler on
+* ``fused``: the whole Newton loop in one kernel per call: Triton on CUDA (``backend="fused"``), the compiled
+  C++ kernel on CPU (``backend="cpp"``, which also fuses the backward). Where it cannot run (no compiler on
   a CPU machine, another device) it is skipped and the reason is recorded in the report's
   ``settings.skipped`` (and printed), never dropped silently.
 
@@ -192,11 +192,11 @@ def bench_pararnn(
 
 
 def _fused_unavailable(device: torch.device) -> str | None:
-    """Why ``mode="fused"`` cannot be timed on ``device``, or ``None`` when it can."""
+    """Why the fused kernel cannot be timed on ``device``, or ``None`` when it can."""
     if device.type == "cuda":
-        from seqzoo.ops.utils import HAS_TRITON
+        from seqzoo.ops.core import HAS_TRITON
 
-        return None if HAS_TRITON else "mode='fused' on CUDA needs the triton package"
+        return None if HAS_TRITON else "the fused kernel on CUDA needs the triton package"
     if device.type == "cpu":
         from seqzoo.ops.pararnn.cpu_fused import CpuKernelUnavailable, library
 
@@ -205,7 +205,7 @@ def _fused_unavailable(device: torch.device) -> str | None:
         except CpuKernelUnavailable as err:
             return str(err)
         return None
-    return f"mode='fused' has kernels for CUDA and CPU only, not {device.type}"
+    return f"the fused kernels run on CUDA and CPU only, not {device.type}"
 
 
 def _apply(cell: torch.nn.Module, inp: torch.Tensor, mode: str, max_iters: int, projection: bool) -> torch.Tensor:
@@ -214,11 +214,13 @@ def _apply(cell: torch.nn.Module, inp: torch.Tensor, mode: str, max_iters: int, 
     from seqzoo.ops.pararnn import pararnn
     from seqzoo.ops.pararnn.solver import NewtonConfig, fused_apply, parallel_apply, sequential_apply
 
+    cuda = inp.is_cuda
+    backend = {"sequential": "reference", "parallel": "triton" if cuda else "torch", "fused": "fused" if cuda else "cpp"}[mode]
     if projection:
-        return pararnn(cell, inp, mode=mode, max_iters=max_iters)[0]
+        return pararnn(cell, inp, backend=backend, max_iters=max_iters)[0]
     if mode == "sequential":
         return cell.output(sequential_apply(cell, inp, None))
-    config = NewtonConfig(max_iters=max_iters)
+    config = NewtonConfig(max_iters=max_iters, backend=backend)
     return cell.output((fused_apply if mode == "fused" else parallel_apply)(cell, inp, None, config))
 
 

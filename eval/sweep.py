@@ -104,7 +104,7 @@ def mqar_sweep(
     from omegaconf import OmegaConf
 
     from seqzoo.models import LanguageModel
-    from seqzoo.ops.utils import OpInputError
+    from seqzoo.ops.core import OpInputError
 
     out_dir = Path(out_dir)
     rows: list[dict[str, Any]] = []

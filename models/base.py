@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqzoo.configs import ConfigError
 from seqzoo.models.cache import LayerCache
+from seqzoo.ops.core import OpInputError, check_backend
 
 
 class TokenMixer(nn.Module):
@@ -38,3 +40,16 @@ def check_hidden(layer: str, x: torch.Tensor, hidden_size: int) -> None:
         raise ValueError(f"{layer}: expected input [batch, seq, {hidden_size}], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{layer}: expected a floating-point input, got dtype {x.dtype}")
+
+
+def op_backend(layer: str, op: str, backend: str, available: tuple[str, ...]) -> str:
+    """A layer's ``backend`` option for op ``op``: checked once, when the layer is built, against the op's own
+    vocabulary (:func:`seqzoo.ops.core.check_backend`); a bad name is a one-line :class:`ConfigError`.
+
+    Whether the backend can run on the device is known only when the op is called; the op reports that.
+    """
+    try:
+        check_backend(op, backend, available)
+    except OpInputError as err:
+        raise ConfigError(f"{layer}: backend: {err}") from None
+    return backend

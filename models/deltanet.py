@@ -24,6 +24,7 @@ class _DeltaRuleMixer(LinearMixer):
 
     def __init__(
         self,
+        *,
         name: str,
         hidden_size: int,
         layer_idx: int,
@@ -35,8 +36,11 @@ class _DeltaRuleMixer(LinearMixer):
         conv_size: int,
         allow_neg_eigval: bool,
         norm_eps: float,
+        op: str,
+        backend: str,
     ) -> None:
         super().__init__()
+        self.set_op(op, backend)
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
         head_v_dim = int(head_dim * expand_v)
@@ -100,6 +104,8 @@ class DeltaNet(_DeltaRuleMixer):
         conv_size: taps of the convs. Default: 4.
         allow_neg_eigval: ``β ∈ (0, 2)``, letting ``I − βkkᵀ`` have a negative eigenvalue. Default: False.
         norm_eps: epsilon of the output norm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, head_dim, head_v_dim]`` fp32; ``conv_q/k/v`` ``[batch, conv_size − 1, width]``.
@@ -117,20 +123,13 @@ class DeltaNet(_DeltaRuleMixer):
         conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
-            "deltanet",
-            hidden_size,
-            layer_idx,
-            num_heads,
-            head_dim,
-            expand_v,
-            use_output_gate,
-            use_short_conv,
-            conv_size,
-            allow_neg_eigval,
-            norm_eps,
-        )
+            name="deltanet", hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, head_dim=head_dim,
+            expand_v=expand_v, use_output_gate=use_output_gate, use_short_conv=use_short_conv, conv_size=conv_size,
+            allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, op="delta_rule", backend=backend,
+        )  # fmt: skip
 
     def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         q, k, v = self.qkv(x, cache)
@@ -162,6 +161,8 @@ class GatedDeltaNet(_DeltaRuleMixer):
         a_init_range: ``(low, high)`` of the uniform init of ``A``. Default: ``(0, 16)``.
         dt_range: ``(dt_min, dt_max)`` of the log-uniform init of the step size. Default: ``(1e-3, 1e-1)``.
         norm_eps: epsilon of the gated output norm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, head_dim, head_v_dim]`` fp32; ``conv_q/k/v`` ``[batch, conv_size − 1, width]``.
@@ -181,20 +182,13 @@ class GatedDeltaNet(_DeltaRuleMixer):
         a_init_range: Sequence[float] = (0.0, 16.0),
         dt_range: Sequence[float] = (1e-3, 1e-1),
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
-            "gated_deltanet",
-            hidden_size,
-            layer_idx,
-            num_heads,
-            head_dim,
-            expand_v,
-            use_output_gate,
-            use_short_conv,
-            conv_size,
-            allow_neg_eigval,
-            norm_eps,
-        )
+            name="gated_deltanet", hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, head_dim=head_dim,
+            expand_v=expand_v, use_output_gate=use_output_gate, use_short_conv=use_short_conv, conv_size=conv_size,
+            allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, op="gated_delta_rule", backend=backend,
+        )  # fmt: skip
         low, high = a_init_range
         require("gated_deltanet", 0 <= low < high, f"a_init_range must be [low, high] with 0 <= low < high, got {list(a_init_range)}")
         dt_min, dt_max = dt_range

@@ -35,6 +35,8 @@ class GatedLinearAttention(LinearMixer):
         conv_size: taps of those convs. Default: 4.
         use_output_gate: the swish output gate. Default: True.
         norm_eps: epsilon of the output RMSNorm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, key_dim/heads, value_dim/heads]`` fp32, plus ``conv_q/k/v`` with short convs.
@@ -54,8 +56,10 @@ class GatedLinearAttention(LinearMixer):
         conv_size: int = 4,
         use_output_gate: bool = True,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.set_op("gla", backend)
         name = "gla"
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)

@@ -42,6 +42,8 @@ class HGRN2(LinearMixer):
         use_short_conv: short convs (no activation, as fla) on ``q, f, i``. Default: False.
         conv_size: taps of those convs. Default: 4.
         norm_eps: epsilon of the output RMSNorm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, expand_ratio, hidden/heads]`` fp32, plus ``conv_q/f/i`` with short convs.
@@ -57,8 +59,10 @@ class HGRN2(LinearMixer):
         use_short_conv: bool = False,
         conv_size: int = 4,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.set_op("gla", backend)
         name = "hgrn2"
         require(name, num_heads is not None or expand_ratio is not None, "set num_heads or expand_ratio")
         if expand_ratio is None:

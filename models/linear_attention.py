@@ -38,6 +38,8 @@ class LinearAttention(LinearMixer):
             Default: ``"elu"``.
         normalize: divide by ``φ(q)·Σφ(k)`` instead of the output RMSNorm (see above). Default: False.
         norm_eps: epsilon of the output RMSNorm, and added to the denominator when ``normalize``. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, feature_size, head_dim (+1 if normalize)]`` fp32.
@@ -53,8 +55,10 @@ class LinearAttention(LinearMixer):
         feature_map: str = "elu",
         normalize: bool = False,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.set_op("simple_gla", backend)
         name = "linear_attention"
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         head_dim = hidden_size // num_heads if head_dim is None else head_dim

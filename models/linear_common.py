@@ -10,6 +10,7 @@ Gated DeltaNet and Mamba-2 share.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden
+from seqzoo.models.base import TokenMixer, check_hidden, op_backend
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import ShortConvolution
 
@@ -72,7 +73,7 @@ class LinearMixer(TokenMixer):
     """Base of the mixers whose decode state is one fp32 ``[batch, heads, key_dim, value_dim]`` matrix
     plus the tails of their short convolutions.
 
-    Subclasses call :meth:`set_state_shape` and :meth:`add_conv` in ``__init__`` and implement
+    Subclasses call :meth:`set_op`, :meth:`set_state_shape` and :meth:`add_conv` in ``__init__`` and implement
     :meth:`mix`, using :meth:`conv` and :meth:`run_op`; :meth:`forward` and :meth:`state_size` come
     from here. Cache entries: ``"recurrent"`` (the op's state, fp32) and ``"conv_<name>"``
     (``[batch, kernel_size − 1, channels]``, the last inputs of each conv).
@@ -82,6 +83,12 @@ class LinearMixer(TokenMixer):
         super().__init__()
         self.convs = nn.ModuleDict()
         self._state_shape: tuple[int, int, int] | None = None
+        self.backend = "auto"
+
+    def set_op(self, op: str, backend: str) -> None:
+        """Name the ``seqzoo.ops`` function this layer runs and the backend it asks for (the ``backend``
+        config option); an unknown name or one the op lacks is a one-line :class:`ConfigError` here."""
+        self.backend = op_backend(self.mixer_name, op, backend, importlib.import_module(f"seqzoo.ops.{op}").BACKENDS)
 
     def set_state_shape(self, heads: int, key_dim: int, value_dim: int) -> None:
         """Declare the recurrent state ``[heads, key_dim, value_dim]`` per sequence (for :meth:`state_size`)."""
@@ -102,14 +109,15 @@ class LinearMixer(TokenMixer):
     def run_op(
         self, op: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], *args, cache: LayerCache | None, **kwargs
     ) -> torch.Tensor:
-        """``op(*args, initial_state=cached, output_final_state=…, **kwargs)``; stores the new state in ``cache``.
+        """``op(*args, initial_state=cached, output_final_state=…, backend=self.backend, **kwargs)``; stores the new
+        state in ``cache``.
 
         Without a cache this is the op's parallel form from a zero state; with one, the op continues from
         ``cache["recurrent"]``, so the same call serves prefill and token-by-token decoding.
         Returns the op's output ``[batch, seq, heads, value_dim]``.
         """
         initial = None if cache is None else cache.get("recurrent")
-        o, final = op(*args, initial_state=initial, output_final_state=cache is not None, **kwargs)
+        o, final = op(*args, initial_state=initial, output_final_state=cache is not None, backend=self.backend, **kwargs)
         if cache is not None:
             cache.set("recurrent", final)
         return o

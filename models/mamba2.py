@@ -42,6 +42,8 @@ class Mamba2(LinearMixer):
         dt_range: ``(dt_min, dt_max)`` of the log-uniform init of ``Δ``. Default: ``(1e-3, 1e-1)``.
         dt_floor: smallest initial ``Δ``. Default: 1e-4.
         norm_eps: epsilon of the gated RMSNorm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Deviation: with ``n_groups > 1`` the gated norm's weight (``d_inner / n_groups``) is shared by the
     groups, where Mamba-2 has one weight per channel; identical for ``n_groups = 1``.
@@ -64,8 +66,10 @@ class Mamba2(LinearMixer):
         dt_range: Sequence[float] = (1e-3, 1e-1),
         dt_floor: float = 1e-4,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.set_op("simple_gla", backend)
         name = "mamba2"
         d_inner = expand * hidden_size
         require(name, min(head_dim, d_state, expand) >= 1, f"head_dim, d_state, expand must be >= 1, got {head_dim}, {d_state}, {expand}")

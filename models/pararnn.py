@@ -5,10 +5,10 @@ The block follows ParaRNN's language model (``pararnn.md`` §1.8); the pre-norm 
     x [B, T, D] ─ Linear(D → 2E) ─┬─ u ─ causal conv (k=4) ─ SiLU ─ cell (Newton, parallel) ─ h ─┐
                                   └─ z ────────────────────────────────────────── GatedRMSNorm(h, SiLU(z)) ─ Linear(E → D)
 
-Training runs :func:`seqzoo.ops.pararnn.pararnn` in ``"auto"`` mode (a fixed number of Newton iterations
-and the adjoint backward, in the fused kernels: Triton on CUDA, compiled C++ on CPU; ``"parallel"`` where
-they cannot run); decoding one token at a time runs the exact ``"sequential"`` step from
-the cached state, and a multi-token prefill with a cache runs the training mode from that state.
+Training runs :func:`seqzoo.ops.pararnn.pararnn` with ``backend="auto"`` (a fixed number of Newton iterations
+and the adjoint backward, in the fused kernels: Triton on CUDA, compiled C++ on CPU; Newton over scans where
+they cannot run); decoding one token at a time runs the exact step loop (``"reference"``) from the cached
+state, and a multi-token prefill with a cache runs the training backend from that state.
 
 Exactness: with ``max_iters`` fixed (ParaRNN uses 3) the parallel form is the sequential recurrence only
 up to Newton's residual. The recurrent vectors are bounded (``recurrent_bound``, 0.5) so the Jacobians
@@ -23,11 +23,11 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden
+from seqzoo.models.base import TokenMixer, check_hidden, op_backend
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
-from seqzoo.ops.pararnn import FUSED_BACKENDS, MODES, ParaGRU, ParaLSTM, pararnn
+from seqzoo.ops.pararnn import BACKENDS, ParaGRU, ParaLSTM, pararnn
 
 _GUESSES = ("f0", "zeros")
 
@@ -43,15 +43,14 @@ class ParaRNNBlock(TokenMixer):
         conv_size: taps of the causal depthwise convolution before the cell; 1 disables mixing over time. Default: 4.
         recurrent_bound: smooth bound ``|a| < bound`` on the recurrent (and peephole) vectors, which keeps
             Newton contracting; ``None`` leaves them free. Default: 0.5.
-        mode: ``"auto"`` (``"fused"`` where its kernels run, else ``"parallel"``), ``"parallel"`` (Newton over
-            scans in PyTorch), ``"fused"`` (the whole Newton solve in one kernel: Triton on CUDA, compiled C++
-            on CPU) or ``"sequential"`` (the plain loop) for the training form and prefill. Default: ``"auto"``.
+        backend: the :func:`~seqzoo.ops.pararnn.pararnn` backend of the training form and prefill: ``"auto"`` (the
+            fused kernel of the device where it runs, else Newton over scans), ``"torch"`` / ``"triton"`` (Newton
+            over PyTorch / Triton scans), ``"fused"`` (one Triton kernel), ``"cpp"`` (the compiled CPU kernel) or
+            ``"reference"`` (the plain loop). Default: ``"auto"``.
         max_iters: Newton iterations of the parallel form (fixed, as in ParaRNN). Default: 3.
         omega: Newton step damping. Default: 1.
         init_guess: ``"f0"`` (``h_t = f(0, u_t)``) or ``"zeros"``.
         tol: stop Newton early once the max-norm residual is ``<= tol`` (costs a host sync per iteration).
-        scan_backend: ``affine_scan`` backend of the linear steps (``"auto" | "torch" | "triton" | "reference"``).
-        fused_backend: kernels of the fused mode (``"auto"``: Triton on CUDA, C++ on CPU; ``"triton"``; ``"cpu"``).
         norm_eps: epsilon of the gated output RMSNorm.
 
     Cache: ``recurrent`` ``[batch, S]`` (the cell state: ``h`` for GRU, ``[c; h]`` for LSTM; fp32, fp64 for a
@@ -68,13 +67,11 @@ class ParaRNNBlock(TokenMixer):
         num_heads: int = 2,
         conv_size: int = 4,
         recurrent_bound: float | None = 0.5,
-        mode: str = "auto",
+        backend: str = "auto",
         max_iters: int = 3,
         omega: float = 1.0,
         init_guess: str = "f0",
         tol: float | None = None,
-        scan_backend: str = "auto",
-        fused_backend: str = "auto",
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -88,24 +85,17 @@ class ParaRNNBlock(TokenMixer):
             raise ConfigError(f"{name}: conv_size must be >= 1, got {conv_size}")
         if recurrent_bound is not None and not recurrent_bound > 0:
             raise ConfigError(f"{name}: recurrent_bound must be > 0 or null, got {recurrent_bound}")
-        if mode not in MODES:
-            raise ConfigError(f"{name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.backend = op_backend(name, "pararnn", backend, BACKENDS)
         if not isinstance(max_iters, int) or max_iters < 0:
             raise ConfigError(f"{name}: max_iters must be a non-negative integer, got {max_iters!r}")
         if not omega > 0:
             raise ConfigError(f"{name}: omega must be > 0, got {omega}")
         if init_guess not in _GUESSES:
             raise ConfigError(f"{name}: init_guess must be one of {', '.join(_GUESSES)}, got {init_guess!r}")
-        if fused_backend not in FUSED_BACKENDS:
-            raise ConfigError(f"{name}: fused_backend must be one of {', '.join(FUSED_BACKENDS)}, got {fused_backend!r}")
         if tol is not None and tol < 0:
             raise ConfigError(f"{name}: tol must be >= 0 or null, got {tol}")
         self.hidden_size, self.layer_idx, self.inner = hidden_size, layer_idx, inner
-        self.mode = mode
-        self.solver = {
-            "max_iters": max_iters, "omega": omega, "init_guess": init_guess, "tol": tol,
-            "scan_backend": scan_backend, "fused_backend": fused_backend,
-        }  # fmt: skip
+        self.solver = {"max_iters": max_iters, "omega": omega, "init_guess": init_guess, "tol": tol}
         self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
         self.conv = ShortConvolution(inner, conv_size, activation="silu")
         self.cell = self.cell_class(inner, inner, num_heads=num_heads, recurrent_bound=recurrent_bound)
@@ -123,7 +113,7 @@ class ParaRNNBlock(TokenMixer):
         u, conv_tail = self.conv(u, conv_state=conv_state, output_state=cache is not None)
         initial = cache.get("recurrent") if cache is not None else None
         # One decoded token is one exact step; longer inputs use the configured (training) form.
-        mode = "sequential" if cache is not None and x.shape[1] == 1 else self.mode
+        backend = "reference" if cache is not None and x.shape[1] == 1 else self.backend
         # The recurrence runs in fp32 (fp64 for a float64 model) whatever autocast picks: Newton's residual and
         # the state must not be rounded to bf16.
         dtype = upcast(u).dtype
@@ -132,7 +122,7 @@ class ParaRNNBlock(TokenMixer):
                 self.cell,
                 u.to(dtype),
                 initial=None if initial is None else initial.to(dtype),
-                mode=mode,
+                backend=backend,
                 output_final_state=cache is not None,
                 **self.solver,
             )

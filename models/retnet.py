@@ -36,6 +36,8 @@ class MultiScaleRetention(LinearMixer):
         expand_v: total value width ``= expand_v · hidden_size``. Default: 2.0 (RetNet's).
         rope_theta: RoPE base for ``q, k``; ``None`` disables it. Default: 10000.
         norm_eps: epsilon of the per-head RMSNorm. Default: 1e-5.
+        backend: the op's backend (``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"fused"``; see
+            :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
     Cache: ``recurrent`` ``[batch, heads, key_dim/heads, value_dim/heads]`` fp32; ``seen_tokens`` gives RoPE positions.
@@ -50,8 +52,10 @@ class MultiScaleRetention(LinearMixer):
         expand_v: float = 2.0,
         rope_theta: float | None = 10000.0,
         norm_eps: float = 1e-5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.set_op("simple_gla", backend)
         name = "retnet"
         require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)

@@ -6,13 +6,14 @@ on CUDA and chunked PyTorch elsewhere.
 """
 
 from seqzoo.ops.affine_scan import affine_scan
+from seqzoo.ops.core import OpInputError
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
 from seqzoo.ops.gla import gla
 from seqzoo.ops.neural_memory import LinearMemoryState, MLPMemoryState, neural_memory
 from seqzoo.ops.pararnn import ParaGRU, ParaLSTM, RecurrentCell, pararnn
 from seqzoo.ops.simple_gla import simple_gla
-from seqzoo.ops.utils import OpInputError, l2norm
+from seqzoo.ops.utils import l2norm
 
 __all__ = [
     "LinearMemoryState",

@@ -1,128 +1,14 @@
-"""Input checks, backend selection and small tensor helpers shared by every op family.
-
-Every public op validates its inputs here so that a bad call fails with one line naming the
-problem (an :class:`OpInputError`), never with a NaN or a stack trace from inside a kernel.
-"""
+"""Small tensor helpers shared by the op families (the front end, chunk layout and precision rules are in
+:mod:`seqzoo.ops.core`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "triton")
-
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-class OpInputError(ValueError):
-    """A one-line error for a bad argument to a ``seqzoo.ops`` function."""
-
-
-def fail(op: str, message: str) -> None:
-    """Raise :class:`OpInputError` as ``"<op>: <message>"``."""
-    raise OpInputError(f"{op}: {message}")
-
-
-def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
-    """Pick the implementation for ``backend``: ``"auto"`` is Triton on CUDA, chunked PyTorch elsewhere.
-
-    Triton on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the interpreter used by tests).
-    """
-    if backend not in BACKENDS:
-        fail(op, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if backend == "auto":
-        return "triton" if on_cuda and HAS_TRITON else "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            fail(op, "backend='triton' needs the triton package (pip install triton)")
-        if not on_cuda and not TRITON_INTERPRET:
-            fail(op, "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return backend
-
-
-def check_float(op: str, name: str, t: torch.Tensor | None) -> None:
-    """Require a floating-point tensor (integer and boolean inputs are rejected)."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        fail(op, f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def check_shape(op: str, name: str, t: torch.Tensor | None, expected: Sequence[int]) -> None:
-    """Require ``t.shape == expected`` (``t`` may be ``None``)."""
-    if t is not None and tuple(t.shape) != tuple(expected):
-        fail(op, f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
-
-
-def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Validate ``q, k: [batch, seq, heads, key_dim]`` and ``v: [batch, seq, heads, value_dim]``.
-
-    Returns ``(batch, seq, heads, key_dim, value_dim)``.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
-        if t.dim() != 4:
-            fail(op, f"{name} must be [batch, seq, heads, dim], got {t.dim()} dims with shape {tuple(t.shape)}")
-    batch, seq, heads, key_dim = q.shape
-    check_shape(op, "k", k, q.shape)
-    if tuple(v.shape[:3]) != (batch, seq, heads):
-        fail(op, f"v has shape {tuple(v.shape)}, expected [{batch}, {seq}, {heads}, value_dim] to match q")
-    if not (q.device == k.device == v.device):
-        fail(op, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    return batch, seq, heads, key_dim, v.shape[-1]
-
-
-def check_log_gate(op: str, name: str, g: torch.Tensor | None) -> None:
-    """Require log-space decay gates ``g <= 0`` (a positive log gate would grow the state)."""
-    if g is None:
-        return
-    check_float(op, name, g)
-    if torch.isnan(g).any():
-        fail(op, f"{name} contains NaN")
-    if (g > 0).any():
-        fail(op, f"{name} is a log decay gate and must be <= 0, max is {g.max().item():.4g}")
-
-
-def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor | None, batch: int, seq: int) -> int:
-    """Validate packed-sequence offsets ``cu_seqlens: [num_seqs + 1]`` and return the number of states.
-
-    With ``cu_seqlens`` the batch must be 1, offsets start at 0, end at ``seq`` and strictly increase
-    (an empty sequence is rejected).
-    """
-    if cu_seqlens is None:
-        return batch
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        fail(op, f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        fail(op, f"cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
-    if batch != 1:
-        fail(op, f"cu_seqlens needs batch 1 (sequences packed along seq), got batch {batch}")
-    offsets = cu_seqlens.tolist()
-    if offsets[0] != 0 or offsets[-1] != seq:
-        fail(op, f"cu_seqlens must start at 0 and end at seq={seq}, got {offsets[0]} … {offsets[-1]}")
-    if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
-        fail(op, "cu_seqlens must be strictly increasing (no empty or reversed sequences)")
-    return len(offsets) - 1
-
-
-def check_state(op: str, name: str, state: torch.Tensor | None, expected: Sequence[int]) -> None:
-    """Validate an initial state's shape and dtype."""
-    if state is None:
-        return
-    check_float(op, name, state)
-    check_shape(op, name, state, expected)
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64 (so tests can reach ~1e-12), fp32 otherwise (also for bf16/fp16)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+from seqzoo.ops.core.dispatch import TRITON_INTERPRET
 
 
 def default_scale(scale: float | None, key_dim: int) -> float:

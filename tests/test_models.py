@@ -324,3 +324,42 @@ def test_cache_after_prefill_holds_only_its_own_bytes(name):
         layer(torch.randn(2, 1, 32), cache=cache)
     held = sum(t.untyped_storage().nbytes() for t in cache.tensors.values())
     assert held == cache.nbytes() == layer.state_size(batch=2, seq_len=46)
+
+
+def _mixers_with_a_backend_option():
+    import inspect
+
+    from seqzoo.models import get_mixer_class
+
+    return [n for n in mixer_names() if "backend" in inspect.signature(get_mixer_class(n).__init__).parameters]
+
+
+def test_every_mixer_that_runs_an_op_takes_its_backend_from_config():
+    # The linear family and ParaRNN run one op each; attention has no op to configure.
+    assert {"linear_attention", "retnet", "gla", "hgrn2", "deltanet", "gated_deltanet", "mamba2", "pararnn_gru"} <= set(
+        _mixers_with_a_backend_option()
+    )
+
+
+@pytest.mark.parametrize("name", _mixers_with_a_backend_option())
+def test_a_mixer_runs_the_backend_its_config_names(name, monkeypatch):
+    from seqzoo.ops.core import OpInputError
+    from seqzoo.ops.core import dispatch as dispatch_module
+
+    with pytest.raises(ConfigError, match=f"^{name}: backend: .*unknown backend 'cuda'") as info:
+        build_mixer(name, 32, 0, {"backend": "cuda"})
+    assert "\n" not in str(info.value)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    outputs = {}
+    for backend in ("reference", "torch"):
+        torch.manual_seed(0)
+        layer = build_mixer(name, 32, 0, {"backend": backend}).double()
+        with torch.no_grad():
+            outputs[backend] = layer(x)
+    assert_rel_close(outputs["torch"], outputs["reference"], 1e-8)
+    # Triton on CPU tensors without the interpreter: the op reports it, in one line, when the layer runs.
+    monkeypatch.setattr(dispatch_module, "TRITON_INTERPRET", False)
+    layer = build_mixer(name, 32, 0, {"backend": "triton"}).double()
+    with pytest.raises(OpInputError, match="backend='triton' needs CUDA tensors") as info:
+        layer(x)
+    assert "\n" not in str(info.value)

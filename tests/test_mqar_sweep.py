@@ -115,7 +115,7 @@ def test_non_positive_learning_rate_is_one_line(tmp_path, capsys):
 
 
 def test_a_diverged_run_is_a_nan_row_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    from seqzoo.ops.utils import OpInputError
+    from seqzoo.ops.core import OpInputError
 
     real_run = seqzoo.training.run
 

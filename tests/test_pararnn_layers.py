@@ -60,7 +60,7 @@ def test_decode_equals_parallel_forward(name, prefill, chunk):
 def test_newton_with_seq_iterations_is_the_loop_even_far_from_init(name):
     x = 2.0 * torch.randn(BATCH, SEQ, HIDDEN)
     newton = stress(make(name, recurrent_bound=None, max_iters=SEQ))
-    loop = make(name, recurrent_bound=None, mode="sequential")
+    loop = make(name, recurrent_bound=None, backend="reference")
     loop.load_state_dict(newton.state_dict())
     with torch.no_grad():
         assert_rel_close(newton(x), loop(x), 1e-5, f"{name} Newton(K=T) vs loop")
@@ -68,17 +68,16 @@ def test_newton_with_seq_iterations_is_the_loop_even_far_from_init(name):
         assert_rel_close(stepped, loop(x), 1e-5, f"{name} decode vs loop")
 
 
-SOLVES = [dict(mode="parallel"), dict(mode="fused"), dict(mode="auto")]  # on CPU: fused is the C++ kernel
+SOLVES = [dict(backend="torch"), dict(backend="cpp"), dict(backend="auto")]  # on CPU: auto is the C++ kernel
 
 
 @pytest.mark.parametrize(
     "name, solve",
-    [(m, s) for m in MIXERS for s in SOLVES]
-    + [pytest.param(m, dict(mode="fused", fused_backend="triton"), marks=pytest.mark.triton) for m in MIXERS],
+    [(m, s) for m in MIXERS for s in SOLVES] + [pytest.param(m, dict(backend="fused"), marks=pytest.mark.triton) for m in MIXERS],
 )
 def test_three_newton_iterations_match_the_loop_and_its_gradients(name, solve):
     layer = make(name, **solve)
-    loop = make(name, mode="sequential")
+    loop = make(name, backend="reference")
     loop.load_state_dict(layer.state_dict())
     x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
     weight = torch.randn(BATCH, SEQ, HIDDEN)
@@ -144,8 +143,8 @@ def test_language_model_cache_bytes_and_greedy_generation(name):
     "options, message",
     [
         ({"num_heads": 3}, "num_heads \\(3\\) must be >= 1 and divide"),
-        ({"mode": "newton"}, "mode must be one of"),
-        ({"fused_backend": "cuda"}, "fused_backend must be one of"),
+        ({"backend": "newton"}, "backend: pararnn: unknown backend 'newton'"),
+        ({"backend": "cuda"}, "unknown backend 'cuda'"),
         ({"max_iters": -1}, "max_iters must be"),
         ({"init_guess": "ones"}, "init_guess must be one of"),
         ({"conv_size": 0}, "conv_size must be >= 1"),

@@ -22,11 +22,12 @@ import torch
 
 from seqzoo.ops.affine_scan.chunked import AffineScanFunction, adjoint_coeff, scan_torch
 from seqzoo.ops.affine_scan.reference import affine_scan_reference
-from seqzoo.ops.utils import check_float, check_shape, fail, resolve_backend
+from seqzoo.ops.core import check_float, check_positive_int, check_shape, choose_backend, compute_dtype, fail, needs_grad
 
 __all__ = ["affine_scan", "adjoint_coeff", "scan_structure"]
 
 _OP = "affine_scan"
+BACKENDS = ("reference", "torch", "triton")
 DEFAULT_CHUNK = 64
 
 
@@ -85,15 +86,14 @@ def affine_scan(
     check_shape(_OP, "initial", initial, state_shape)
     if seq == 0:
         fail(_OP, "seq must be at least 1")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        fail(_OP, f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_positive_int(_OP, "chunk_size", chunk_size)
     devices = {t.device for t in (a, b, initial) if t is not None}
     if len(devices) > 1:
         fail(_OP, f"a, b, initial must be on one device, got {sorted(map(str, devices))}")
-    impl = resolve_backend(_OP, backend, a, b, initial)
+    impl = choose_backend(_OP, backend, BACKENDS, a, b, initial, seq=seq, grad=needs_grad(a, b, initial))
 
     out_dtype = torch.promote_types(a.dtype, b.dtype)
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = compute_dtype(a, b)
     # Extra channel dims flatten into one; the kernels see [B, T, C] or [B, T, C, 2(, 2)].
     channels = math.prod(b.shape[2:]) if structure == "diag" else math.prod(b.shape[2:-1])
     tail = () if structure == "diag" else (2,)

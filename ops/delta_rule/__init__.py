@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.gated_delta_rule import run_delta_rule
+from seqzoo.ops.gated_delta_rule import BACKENDS, run_delta_rule
 
-__all__ = ["delta_rule"]
+__all__ = ["BACKENDS", "delta_rule"]
 
 
 def delta_rule(

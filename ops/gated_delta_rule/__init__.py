@@ -1,8 +1,9 @@
 """Gated delta rule (Gated DeltaNet): ``S ← exp(g_t)·S;  S ← S + β_t k_t (v_t − Sᵀk_t)ᵀ;  o_t = Sᵀ(scale·q_t)``.
 
-Three implementations share one signature: ``reference`` (a token loop, the test oracle), ``torch``
-(chunked WY/UT form, the default off CUDA) and ``triton`` (chunked kernels for training, a fused
-recurrent kernel for short inference calls; the default on CUDA). :func:`seqzoo.ops.delta_rule.delta_rule`
+Four implementations share one signature: ``reference`` (a token loop, the test oracle; ``auto`` runs it for
+a few tokens without gradients on the CPU), ``torch`` (chunked WY/UT form, the default off CUDA), ``triton``
+(chunked kernels, the default on CUDA) and ``fused`` (a step-by-step kernel, ``auto``'s choice on CUDA for
+short inference calls). :func:`seqzoo.ops.delta_rule.delta_rule`
 runs the same machinery without a gate.
 """
 
@@ -10,24 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from seqzoo.ops.core import check_linear_inputs, choose_backend, fail, needs_grad
 from seqzoo.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from seqzoo.ops.gated_delta_rule.reference import gated_delta_rule_reference
-from seqzoo.ops.utils import (
-    check_cu_seqlens,
-    check_float,
-    check_log_gate,
-    check_qkv,
-    check_shape,
-    check_state,
-    default_scale,
-    fail,
-    resolve_backend,
-)
+from seqzoo.ops.utils import default_scale
 
 __all__ = ["gated_delta_rule", "run_delta_rule"]
 
-# The fused recurrent kernel beats the chunked pipeline for decode-sized calls without autograd.
-RECURRENT_MAX_SEQ = 64
+BACKENDS = ("reference", "torch", "triton", "fused")
 
 
 def run_delta_rule(
@@ -50,40 +41,25 @@ def run_delta_rule(
     ``g=None`` means no decay: every backend then skips the gate terms instead of exponentiating zeros.
     Shapes are those of :func:`gated_delta_rule`.
     """
-    batch, seq, heads, key_dim, value_dim = check_qkv(op, q, k, v)
-    if not (q.dtype == k.dtype == v.dtype):
-        fail(op, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_float(op, "beta", beta)
-    check_shape(op, "beta", beta, (batch, seq, heads))
-    if g is not None:
-        check_float(op, "g", g)
-        check_shape(op, "g", g, (batch, seq, heads))
-        check_log_gate(op, "g", g)
-    for name, t in (("beta", beta), ("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
-        if t is not None and t.device != q.device:
-            fail(op, f"{name} is on {t.device} but q is on {q.device}")
-    if seq == 0:
-        fail(op, "seq must be at least 1")
-    num_states = check_cu_seqlens(op, cu_seqlens, batch, seq)
-    check_state(op, "initial_state", initial_state, (num_states, heads, key_dim, value_dim))
+    _, seq, _, key_dim, _, _ = check_linear_inputs(
+        op, q, k, v, g=g, beta=beta, initial_state=initial_state, cu_seqlens=cu_seqlens, same_dtype=True, allow_empty=False
+    )
     if scale is not None and not isinstance(scale, (int, float)):
         fail(op, f"scale must be a number, got {type(scale).__name__}")
     scale = default_scale(scale, key_dim)
-    backend = resolve_backend(op, backend, q, k, v, beta, g, initial_state)
-
+    grad = needs_grad(q, k, v, beta, g, initial_state)
+    impl = choose_backend(op, backend, BACKENDS, q, k, v, beta, g, initial_state, seq=seq, grad=grad, short_cpu=True)
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
-    if backend == "reference":
+    if impl == "reference":
         return gated_delta_rule_reference(*args)
-    if backend == "torch":
+    if impl == "torch":
         return chunk_gated_delta_rule(*args)
-    from seqzoo.ops.gated_delta_rule import triton as triton_impl
+    from seqzoo.ops.gated_delta_rule import triton as kernels
 
-    if key_dim > triton_impl.MAX_KEY_DIM:
-        fail(op, f"backend='triton' supports key_dim <= {triton_impl.MAX_KEY_DIM}, got {key_dim}")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state))
-    if seq <= RECURRENT_MAX_SEQ and not needs_grad:
-        return triton_impl.fused_recurrent_gated_delta_rule(*args)
-    return triton_impl.chunk_gated_delta_rule_triton(*args)
+    if key_dim > kernels.MAX_KEY_DIM:
+        fail(op, f"backend={impl!r} supports key_dim <= {kernels.MAX_KEY_DIM}, got {key_dim}")
+
+    return (kernels.fused_recurrent_gated_delta_rule if impl == "fused" else kernels.chunk_gated_delta_rule_triton)(*args)
 
 
 def gated_delta_rule(
@@ -115,7 +91,8 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[num_seqs + 1]`` int offsets of sequences packed along ``seq`` (then ``batch == 1``).
         use_qk_l2norm: L2-normalise ``q`` and ``k`` over ``key_dim`` first (in fp32; ``scale`` applies after).
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"reference"``, ``"torch"``, ``"triton"``.
+        backend: ``"auto"``, ``"reference"`` (token loop), ``"torch"`` (chunked WY/UT), ``"triton"`` (chunked kernels)
+            or ``"fused"`` (the step-by-step Triton kernel, no gradients); see :mod:`seqzoo.ops.core.dispatch`.
     Returns:
         ``(o, final_state)``: ``o [batch, seq, heads, value_dim]`` in ``q.dtype``; ``final_state``
         ``[num_states, heads, key_dim, value_dim]`` in fp32 (float64 for float64 inputs), or ``None``.

@@ -22,10 +22,9 @@ never with one state per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from seqzoo.ops.utils import compute_dtype, l2norm
+from seqzoo.ops.core import ChunkLayout, compute_dtype, scan_chunks
+from seqzoo.ops.utils import l2norm
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -63,47 +62,6 @@ def _unit_lower_inverse(a: torch.Tensor, base: int = 16) -> torch.Tensor:
     return x.reshape(*lead, size, size)
 
 
-def _varlen_gather_index(cu_seqlens: torch.Tensor, chunk_size: int, seq: int) -> tuple[torch.Tensor, list[int]]:
-    """Map a packed batch onto whole chunks: every sequence starts a new chunk and is padded to a multiple of C.
-
-    Returns ``index [num_chunks * C]`` (token position, or ``seq`` for a padding row that reads a zero row)
-    and the first chunk of every sequence plus the total, ``chunk_offsets [num_seqs + 1]``.
-    """
-    offsets = cu_seqlens.tolist()
-    pieces, chunk_offsets = [], [0]
-    pad_row = torch.tensor([seq], dtype=torch.long)
-    for bos, eos in zip(offsets[:-1], offsets[1:]):
-        length = eos - bos
-        n_chunks = -(-length // chunk_size)
-        pieces.append(torch.arange(bos, eos, dtype=torch.long))
-        pieces.append(pad_row.expand(n_chunks * chunk_size - length))
-        chunk_offsets.append(chunk_offsets[-1] + n_chunks)
-    return torch.cat(pieces).to(cu_seqlens.device), chunk_offsets
-
-
-def _to_chunks(x: torch.Tensor, chunk_size: int, index: torch.Tensor | None) -> torch.Tensor:
-    """``[B, T, H, *D]`` → ``[N, B, H, C, *D]`` with zero padding (chunks first so each loop step is contiguous)."""
-    if index is None:
-        pad = -x.shape[1] % chunk_size
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-    else:
-        # A zero row at position ``seq`` serves every padding slot of the gather.
-        x = torch.cat([x, x.new_zeros(1, 1, *x.shape[2:])], dim=1)[:, index]
-    if x.dim() == 4:
-        return rearrange(x, "b (n c) h d -> n b h c d", c=chunk_size)
-    return rearrange(x, "b (n c) h -> n b h c", c=chunk_size)
-
-
-def _from_chunks(o: torch.Tensor, seq: int, index: torch.Tensor | None) -> torch.Tensor:
-    """``[N, B, H, C, V]`` → ``[B, T, H, V]``, dropping padding rows."""
-    o = rearrange(o, "n b h c d -> b (n c) h d")
-    if index is None:
-        return o[:, :seq]
-    keep = index < seq
-    return o[:, keep]
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,18 +96,15 @@ def chunk_gated_delta_rule(
     q, k, v, beta = (t.to(dt) for t in (q, k, v, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    index, chunk_offsets = None, None
-    if cu_seqlens is not None:
-        index, chunk_offsets = _varlen_gather_index(cu_seqlens, chunk_size, seq)
-
-    qc, kc, vc, bc = (_to_chunks(t, chunk_size, index) for t in (q, k, v, beta))
-    n_chunks = qc.shape[0]
+    # Chunk-major [N, B, H, C, D]: each step of the sequential loop below reads one contiguous block.
+    layout = ChunkLayout.build(batch, seq, chunk_size, cu_seqlens, q.device, op="gated_delta_rule")
+    qc, kc, vc, bc = (layout.to_chunks(t, chunk_major=True) for t in (q, k, v, beta))
     qc = qc * scale
     kb = kc * bc[..., None]
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
 
     if g is not None:
-        b = _to_chunks(g.to(dt), chunk_size, index).cumsum(-1)
+        b = layout.to_chunks(g.to(dt), chunk_major=True).cumsum(-1)
         b_last = b[..., -1:]
         # Mask the exponent, not the product: exp(b_i − b_j) above the diagonal may overflow.
         decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
@@ -184,26 +139,13 @@ def chunk_gated_delta_rule(
     # instead of one zero-filled full-size tensor per chunk.
     trans_n = trans.flatten(1, 2).unbind(0)
     drive_n = drive.flatten(1, 2).unbind(0)
-    states = []
-    finals = []
-    if chunk_offsets is None:
-        state = initial_state if initial_state is not None else q.new_zeros(batch, heads, key_dim, value_dim, dtype=dt)
-        for n in range(n_chunks):
-            states.append(state)
-            state = torch.baddbmm(drive_n[n], trans_n[n], state.flatten(0, 1)).view_as(state)
-        finals.append(state)
-    else:
-        for i, (first, end) in enumerate(zip(chunk_offsets[:-1], chunk_offsets[1:])):
-            if initial_state is not None:
-                state = initial_state[i : i + 1]
-            else:
-                state = q.new_zeros(1, heads, key_dim, value_dim, dtype=dt)
-            for n in range(first, end):
-                states.append(state)
-                state = torch.baddbmm(drive_n[n], trans_n[n], state.flatten(0, 1)).view_as(state)
-            finals.append(state)
+
+    def step(n: int, state: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(drive_n[n], trans_n[n], state.flatten(0, 1)).view_as(state)
+
+    rows = 1 if cu_seqlens is not None else batch
+    states, final = scan_chunks(layout, step, initial_state, lambda: q.new_zeros(rows, heads, key_dim, value_dim, dtype=dt))
     state_in = torch.stack(states)  # [N, B, H, K, V], the state entering every chunk
     o = torch.baddbmm(pu.flatten(0, 2), q_tilde.flatten(0, 2), state_in.flatten(0, 2)).view_as(pu)
-    o = _from_chunks(o, seq, index).to(out_dtype)
-    final = torch.cat(finals) if output_final_state else None
-    return o, final
+    o = layout.from_chunks(o, chunk_major=True).to(out_dtype)
+    return o, (final if output_final_state else None)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.utils import compute_dtype, for_each_sequence, l2norm
+from seqzoo.ops.core import compute_dtype
+from seqzoo.ops.utils import for_each_sequence, l2norm
 
 
 def gated_delta_rule_reference(

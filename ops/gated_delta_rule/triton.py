@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs, compute_dtype, l2norm
+from seqzoo.ops.core import TRITON_INTERPRET, compute_dtype
+from seqzoo.ops.utils import autotune_configs, l2norm
 
 BT = 64  # chunk length: four 16-row sub-blocks for the blocked inverse
 BC = 16  # sub-block of the inverse (every dot keeps K >= 16, as the NVIDIA backend requires)

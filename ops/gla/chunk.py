@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from seqzoo.ops.simple_gla.chunk import ChunkLayout, reverse_exclusive_cumsum, scan_chunk_states
+from seqzoo.ops.core import ChunkLayout, compute_dtype
+from seqzoo.ops.simple_gla.chunk import reverse_exclusive_cumsum, scan_gated_states
 from seqzoo.ops.utils import default_scale
 
 
@@ -124,10 +125,9 @@ def gla_chunk(
     fp32 (float64 for float64 inputs); returns ``o`` in ``q.dtype`` and the final state (or ``None``).
     """
     batch, seq, heads, key_dim = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(q)
     scale = default_scale(scale, key_dim)
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    layout = ChunkLayout.build(seq, chunk_size, cu_seqlens, q.device)
+    layout = ChunkLayout.build(batch, seq, chunk_size, cu_seqlens, q.device, op="gla")
 
     qc = layout.to_chunks(q.to(acc) * scale)
     kc = layout.to_chunks(k.to(acc))
@@ -137,7 +137,7 @@ def gla_chunk(
     scores = chunk_scores(qc, kc, gc, b, sub_chunk, span_limit)
     kv = (kc * reverse_exclusive_cumsum(gc, dim=-2).exp()).transpose(-1, -2) @ vc
     decay = rearrange(b[..., -1:, :].exp(), "... one k -> ... k one")
-    states, finals = scan_chunk_states(kv, decay, layout, initial_state, num_seqs)
+    states, finals = scan_gated_states(kv, decay, layout, initial_state)
     o = (qc * b.exp()) @ states + scores @ vc
     o = layout.from_chunks(o).to(q.dtype)
     return o, (finals if output_final_state else None)

@@ -24,10 +24,23 @@ from __future__ import annotations
 
 import torch
 
+from seqzoo.ops.core import (
+    check_choice,
+    check_finite,
+    check_float,
+    check_positive_int,
+    check_qkv,
+    check_range,
+    check_shape,
+    check_state,
+    choose_backend,
+    compute_dtype,
+    fail,
+    needs_grad,
+)
 from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp
 from seqzoo.ops.neural_memory.memory import ACTIVATIONS, LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.neural_memory.reference import neural_memory_reference
-from seqzoo.ops.utils import check_float, check_qkv, check_shape, check_state, fail, resolve_backend
 
 __all__ = [
     "LinearMemoryState",
@@ -38,35 +51,20 @@ __all__ = [
 ]
 
 _OP = "neural_memory"
+BACKENDS = ("reference", "torch", "triton")
 MEMORY_KINDS = ("linear", "mlp")
 RETRIEVALS = ("token", "chunk")
 
 
 def _check_gate(name: str, g: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, upper: bool) -> None:
-    """Gates are ``[batch, seq, heads]`` on q's device, finite, ``>= 0`` and (``upper``) ``<= 1``."""
+    """Gates are ``[batch, seq, heads]`` on q's device; in checking mode also finite, ``>= 0`` and (``upper``) ``<= 1``."""
     if g is None:
         return
     check_float(_OP, name, g)
     check_shape(_OP, name, g, shape)
     if g.device != device:
         fail(_OP, f"{name} is on {g.device}, expected {device} like q")
-    if g.numel() == 0:
-        return
-    if not torch.isfinite(g).all():
-        fail(_OP, f"{name} contains NaN or Inf")
-    lo, hi = g.min().item(), g.max().item()
-    if lo < 0 or (upper and hi > 1):
-        fail(_OP, f"{name} must lie in {'[0, 1]' if upper else '[0, inf)'}, got values in [{lo:.4g}, {hi:.4g}]")
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd will record this call (grad mode on and some input requires grad)."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
-def _state_dtype(q: torch.Tensor) -> torch.dtype:
-    """fp32 state for fp32/fp16/bf16 inputs, fp64 for fp64 inputs (gradcheck)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    check_range(_OP, name, g, 0.0, 1.0 if upper else None)
 
 
 def _initial_state(
@@ -171,14 +169,13 @@ def neural_memory(
     _check_gate("lr", lr, gate_shape, q.device, upper=False)
     _check_gate("momentum", momentum, gate_shape, q.device, upper=True)
     _check_gate("decay", decay, gate_shape, q.device, upper=True)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        fail(_OP, f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if retrieval not in RETRIEVALS:
-        fail(_OP, f"unknown retrieval {retrieval!r}; choose one of {', '.join(RETRIEVALS)}")
-    if memory not in MEMORY_KINDS:
-        fail(_OP, f"unknown memory {memory!r}; choose one of {', '.join(MEMORY_KINDS)}")
+    check_positive_int(_OP, "chunk_size", chunk_size)
+    check_choice(_OP, "retrieval", retrieval, RETRIEVALS)
+    check_choice(_OP, "memory", memory, MEMORY_KINDS)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(_OP, name, t)
     requested = backend
-    backend = resolve_backend(_OP, backend, q, k, v)
+    backend = choose_backend(_OP, backend, BACKENDS, q, k, v, seq=seq, grad=False)
 
     spec = None
     if memory == "mlp":
@@ -196,9 +193,9 @@ def neural_memory(
     elif ln_weight is not None or ln_bias is not None or mlp_residual_norm:
         fail(_OP, "ln_weight, ln_bias and mlp_residual_norm apply to memory='mlp' only")
 
-    dtype = _state_dtype(q)
+    dtype = compute_dtype(q)
     state = _initial_state(memory, initial_state, (batch, heads, key_dim, value_dim), q.device, dtype)
-    if memory == "mlp" and backend == "triton" and _needs_grad(q, k, v, lr, momentum, decay, ln_weight, ln_bias, *state):
+    if memory == "mlp" and backend == "triton" and needs_grad(q, k, v, lr, momentum, decay, ln_weight, ln_bias, *state):
         # The MLP kernel is forward-only; training runs the chunked PyTorch path.
         if requested == "triton":
             fail(_OP, "backend='triton' for memory='mlp' is inference-only (no gradients); use backend='torch'")

@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from seqzoo.ops.core import TRITON_INTERPRET
 from seqzoo.ops.neural_memory.chunk import gate_coefficients
 from seqzoo.ops.neural_memory.memory import LinearMemoryState, MLPMemoryState, MLPSpec
-from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs
+from seqzoo.ops.utils import autotune_configs
 
 _CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 

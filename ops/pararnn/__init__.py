@@ -1,21 +1,22 @@
 """ParaRNN: nonlinear RNNs trained in parallel over the sequence by Newton's method (see :mod:`.solver`).
 
-``pararnn(cell, x)`` runs any :class:`RecurrentCell` (ParaGRU, ParaLSTM or your own) over ``x``, either by
-Newton iterations whose linear steps are ``affine_scan``s (``mode="parallel"``), by the plain loop
-(``mode="sequential"``, for decoding and as the reference), or, for ParaGRU and ParaLSTM, by fused kernels
-that run the whole Newton loop with the Jacobians built in registers (``mode="fused"``): one Triton kernel on
-CUDA (:mod:`.triton_fused`), a compiled C++ kernel on CPU (:mod:`.cpu_fused`, which also fuses the backward).
-``mode="auto"`` takes the fused kernels where they apply and ``"parallel"`` elsewhere.
+``pararnn(cell, x)`` runs any :class:`RecurrentCell` (ParaGRU, ParaLSTM or your own) over ``x`` with the
+backend vocabulary of every op (:mod:`seqzoo.ops.core.dispatch`): Newton iterations whose linear steps are
+``affine_scan``s (``backend="torch"`` or ``"triton"``, by the scans' kernels), the plain loop
+(``"reference"``, also the decoding path), or, for ParaGRU and ParaLSTM, fused kernels that run the whole
+Newton loop with the Jacobians built in registers: one Triton kernel (``"fused"``, :mod:`.triton_fused`) or a
+compiled C++ kernel on CPU (``"cpp"``, :mod:`.cpu_fused`, which also fuses the backward). ``"auto"`` takes
+the device's fused kernel where it applies and the Newton solve over the device's scans elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
 
+from seqzoo.ops.core import HAS_TRITON, check_backend, check_float, check_shape, fail, on_cuda, require_triton
 from seqzoo.ops.pararnn.cell import STRUCTURES, RecurrentCell, autograd_jacobian
 from seqzoo.ops.pararnn.cells import ParaGRU, ParaLSTM, bounded
 from seqzoo.ops.pararnn.solver import (
-    FUSED_BACKENDS,
     NewtonConfig,
     NewtonInfo,
     adjoint_solve,
@@ -25,13 +26,11 @@ from seqzoo.ops.pararnn.solver import (
     linear_solve,
     newton_solve,
     parallel_apply,
-    resolve_fused_backend,
     sequential_apply,
 )
-from seqzoo.ops.utils import BACKENDS, HAS_TRITON, TRITON_INTERPRET, check_float, check_shape, fail
 
 __all__ = [
-    "FUSED_BACKENDS",
+    "BACKENDS",
     "NewtonConfig",
     "NewtonInfo",
     "ParaGRU",
@@ -46,10 +45,11 @@ __all__ = [
     "linear_solve",
     "newton_solve",
     "pararnn",
+    "resolve_backend",
 ]
 
 _OP = "pararnn"
-MODES = ("auto", "parallel", "sequential", "fused")
+BACKENDS = ("reference", "torch", "triton", "fused", "cpp")
 
 
 def pararnn(
@@ -57,17 +57,15 @@ def pararnn(
     x: torch.Tensor,
     *,
     initial: torch.Tensor | None = None,
-    mode: str = "parallel",
+    backend: str = "auto",
     max_iters: int = 3,
     omega: float = 1.0,
     init_guess: str = "f0",
     tol: float | None = None,
-    scan_backend: str = "auto",
     check_residual: bool = False,
     output_final_state: bool = False,
     return_info: bool = False,
     chunk_size: int | None = None,
-    fused_backend: str = "auto",
 ):
     """Apply ``cell`` to a sequence: ``h_t = f(h_{t-1}, u_t)`` with ``u = cell.prepare(x)``.
 
@@ -75,24 +73,23 @@ def pararnn(
         cell: a :class:`RecurrentCell` with declared Jacobian structure.
         x: ``[batch, seq, input]`` floating point.
         initial: ``h_{-1}`` as ``[batch, cell.state_size]`` (zeros if ``None``); receives gradients.
-        mode: ``"parallel"`` (Newton + scans, adjoint backward), ``"sequential"`` (loop + autograd) or
-            ``"fused"`` (ParaGRU/ParaLSTM only: the whole Newton solve in one kernel, fp32 or fp64 compute, the
-            same math and implicit backward as ``"parallel"``; ``scan_backend`` and ``tol`` do not apply), or
-            ``"auto"``: ``"fused"`` when the cell has fused kernels, ``tol`` is ``None`` and the kernels run
-            here (CUDA with Triton, or CPU with the C++ kernel built), else ``"parallel"``.
+        backend: ``"reference"`` (the step loop, differentiated by autograd), ``"torch"`` (Newton iterations
+            over PyTorch ``affine_scan``s, adjoint backward), ``"triton"`` (the same over Triton scans),
+            ``"fused"`` (ParaGRU/ParaLSTM: the whole Newton solve and its adjoint in one Triton kernel each),
+            ``"cpp"`` (ParaGRU/ParaLSTM on CPU: a compiled C++ kernel doing the same, backward included), or
+            ``"auto"``: the fused kernel of the device (``fused`` on CUDA, ``cpp`` on the CPU where it builds)
+            when the cell has one and ``tol`` is ``None``, else Newton over the device's scans. The fused
+            kernels run exactly ``max_iters`` iterations, in fp32 (fp64 for fp64 inputs), with the same math
+            and implicit backward as ``"torch"``.
         max_iters: Newton iterations (fixed unless ``tol`` stops earlier); ``seq`` iterations are exact.
         omega: step damping ``H ← H + ω δ``.
         init_guess: ``"f0"`` (``f(0, u_t)`` for all ``t``) or ``"zeros"``.
         tol: stop once the max-norm residual is ``<= tol`` (a host sync per iteration); ``None`` never stops early.
-        scan_backend: ``affine_scan`` backend for the linear steps (``"auto" | "torch" | "triton" | "reference"``).
         check_residual: also evaluate the final iterate's residual into ``info.residuals`` (one more ``step``).
         output_final_state: also return the last state ``[batch, state_size]`` (for decoding after a prompt).
-        return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate; ``None`` in sequential
-            mode; in fused mode only the final residual, with ``check_residual``).
+        return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate: a host sync each;
+            ``None`` for ``reference``; for the fused kernels only the final residual, with ``check_residual``).
         chunk_size: time tile of the fused Triton kernels (rounded up to a power of two; ``None``: their default).
-        fused_backend: the kernels of ``mode="fused"``: ``"auto"`` (Triton for CUDA tensors, the compiled C++
-            kernel for CPU tensors), ``"triton"`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or
-            ``"cpu"`` (built on first use; needs a C++ compiler and ninja).
 
     Returns:
         ``(y, final)`` or ``(y, final, info)``: ``y = cell.output(H)`` (``[batch, seq, N]``), ``final`` the full
@@ -107,67 +104,63 @@ def pararnn(
         fail(_OP, f"x must be [batch, seq, input] with seq >= 1, got shape {tuple(x.shape)}")
     check_float(_OP, "initial", initial)
     check_shape(_OP, "initial", initial, (x.shape[0], cell.state_size))
-    if mode not in MODES:
-        fail(_OP, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if init_guess not in ("f0", "zeros"):
         fail(_OP, f"init_guess must be 'f0' or 'zeros', got {init_guess!r}")
     if not isinstance(max_iters, int) or max_iters < 0:
         fail(_OP, f"max_iters must be a non-negative int, got {max_iters!r}")
     if not omega > 0:
         fail(_OP, f"omega must be > 0, got {omega}")
-    if scan_backend not in BACKENDS:
-        fail(_OP, f"unknown scan_backend {scan_backend!r}; choose one of {', '.join(BACKENDS)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         fail(_OP, f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if fused_backend not in FUSED_BACKENDS:
-        fail(_OP, f"fused_backend must be one of {', '.join(FUSED_BACKENDS)}, got {fused_backend!r}")
-    kernels = resolve_fused_backend(fused_backend, x)
-    if mode == "auto":
-        mode = "fused" if _fused_runs(cell, x, initial, tol, kernels) else "parallel"
-    if mode == "fused":
-        _check_fused(cell, x, initial, tol, kernels)
+    impl = resolve_backend(cell, backend, x, initial, tol)
 
     u = cell.prepare(x)
-    info = None
-    if mode == "sequential":
+    info = NewtonInfo() if return_info and impl != "reference" else None
+    if impl == "reference":
         h = sequential_apply(cell, u, initial)
     else:
-        config = NewtonConfig(max_iters, float(omega), init_guess, tol, scan_backend, check_residual, chunk_size, fused_backend)
-        info = NewtonInfo()
-        h = (fused_apply if mode == "fused" else parallel_apply)(cell, u, initial, config, info)
+        config = NewtonConfig(max_iters, float(omega), init_guess, tol, impl, check_residual, chunk_size)
+        h = (fused_apply if impl in ("fused", "cpp") else parallel_apply)(cell, u, initial, config, info)
     y = cell.output(h)
     final = h[:, -1] if output_final_state else None
     return (y, final, info) if return_info else (y, final)
 
 
-def _fused_runs(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None, backend: str) -> bool:
-    """Whether ``mode="fused"`` would run here (what ``mode="auto"`` asks; builds the CPU kernel on first use)."""
-    if fused_kind(cell) is None or tol is not None:
-        return False
-    devices = {x.device.type} | ({initial.device.type} if initial is not None else set())
-    if backend == "cpu":
-        from seqzoo.ops.pararnn.cpu_fused import available
+def resolve_backend(
+    cell: RecurrentCell, backend: str, x: torch.Tensor, initial: torch.Tensor | None = None, tol: float | None = None
+) -> str:
+    """The implementation :func:`pararnn` runs for ``backend`` on ``x``'s device (checked that it can run there).
 
-        return devices == {"cpu"} and available()
-    return HAS_TRITON and devices == {"cuda"}
+    ``"auto"`` takes the device's fused kernel (``"fused"`` on CUDA, ``"cpp"`` on the CPU, built on first use;
+    if it cannot build, a one-time warning and ``"torch"``) when ``cell`` has one and ``tol`` is ``None``, else
+    ``"triton"`` on CUDA and ``"torch"`` elsewhere. An explicit backend that cannot run here is a one-line error.
+    """
+    check_backend(_OP, backend, BACKENDS)
+    fusable = fused_kind(cell) is not None and tol is None
+    cuda = on_cuda(x, initial)
+    if backend == "auto":
+        if cuda and HAS_TRITON:
+            return "fused" if fusable else "triton"
+        if fusable and x.device.type == "cpu" and (initial is None or initial.device.type == "cpu"):
+            from seqzoo.ops.pararnn.cpu_fused import available
 
-
-def _check_fused(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, tol: float | None, backend: str) -> None:
-    if fused_kind(cell) is None:
-        fail(_OP, f"mode='fused' has kernels for ParaGRU and ParaLSTM only, not {type(cell).__name__}; use mode='parallel'")
-    if tol is not None:
-        fail(_OP, "mode='fused' runs exactly max_iters iterations; tol is not supported (use mode='parallel')")
-    if backend == "cpu":
+            if available():
+                return "cpp"
+        return "torch"
+    if backend in ("fused", "cpp"):
+        if fused_kind(cell) is None:
+            fail(_OP, f"backend={backend!r} has kernels for ParaGRU and ParaLSTM only, not {type(cell).__name__}; use backend='torch'")
+        if tol is not None:
+            fail(_OP, f"backend={backend!r} runs exactly max_iters iterations; tol is not supported (use backend='torch')")
+    if backend in ("triton", "fused"):
+        require_triton(_OP, backend, x, initial)
+    if backend == "cpp":
         from seqzoo.ops.pararnn.cpu_fused import CpuKernelUnavailable, library
 
         if x.device.type != "cpu" or (initial is not None and initial.device.type != "cpu"):
-            fail(_OP, f"fused_backend='cpu' needs CPU tensors, got x on {x.device}")
+            fail(_OP, f"backend='cpp' needs CPU tensors, got x on {x.device}")
         try:
             library()
         except CpuKernelUnavailable as err:
-            fail(_OP, f"mode='fused' on CPU: {err}; use mode='parallel'")
-        return
-    if not HAS_TRITON:
-        fail(_OP, "mode='fused' with Triton needs the triton package (pip install triton)")
-    if not (x.is_cuda and (initial is None or initial.is_cuda)) and not TRITON_INTERPRET:
-        fail(_OP, f"fused_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got x on {x.device}")
+            fail(_OP, f"backend='cpp': {err}; use backend='torch'")
+    return backend

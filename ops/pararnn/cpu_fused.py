@@ -86,7 +86,7 @@ def available() -> bool:
     except CpuKernelUnavailable as err:
         if not _BUILD.get("warned"):
             _BUILD["warned"] = True
-            warnings.warn(f"{err}; ParaRNN's mode='auto' uses mode='parallel' on CPU", stacklevel=3)
+            warnings.warn(f"{err}; ParaRNN's backend='auto' runs backend='torch' (Newton over PyTorch scans) on CPU", stacklevel=3)
         return False
     return True
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from seqzoo.ops.affine_scan import adjoint_coeff, affine_scan
+from seqzoo.ops.core import compute_dtype
 from seqzoo.ops.pararnn.cell import RecurrentCell
-from seqzoo.ops.utils import compute_dtype
 
 
 @dataclass
@@ -49,28 +49,18 @@ class NewtonInfo:
 class NewtonConfig:
     """Newton settings: fixed ``max_iters`` (ParaRNN uses 3), damping ``omega`` (< 1 damps), the initial
     guess ``"f0"`` (``h_t = f(0, u_t)``, all ``t`` in parallel) or ``"zeros"``, an optional early stop when
-    the residual's max-norm is ``<= tol``, the scan backend, and whether to evaluate the final residual
-    (one extra ``step``), the time tile of the fused Triton kernels (``None``: their default), and which fused
-    kernels run (``"auto"``: Triton on CUDA, the compiled C++ kernel on CPU; ``"triton"``; ``"cpu"``)."""
+    the residual's max-norm is ``<= tol``, whether to evaluate the final residual (one extra ``step``), the
+    time tile of the fused Triton kernels (``None``: their default), and the kernels: ``backend`` is the
+    ``affine_scan`` backend of the Newton steps (``"torch"`` or ``"triton"``) for :func:`parallel_apply`,
+    and ``"fused"`` (Triton) or ``"cpp"`` (the compiled CPU kernel) for :func:`fused_apply`."""
 
     max_iters: int = 3
     omega: float = 1.0
     init_guess: str = "f0"
     tol: float | None = None
-    scan_backend: str = "auto"
+    backend: str = "torch"
     check_residual: bool = False
     chunk_size: int | None = None
-    fused_backend: str = "auto"
-
-
-FUSED_BACKENDS = ("auto", "triton", "cpu")
-
-
-def resolve_fused_backend(backend: str, u: torch.Tensor) -> str:
-    """``"triton"`` or ``"cpu"``: ``"auto"`` is Triton for CUDA tensors and the C++ kernel for CPU tensors."""
-    if backend == "auto":
-        return "triton" if u.is_cuda else "cpu"
-    return backend
 
 
 def shift_states(h: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
@@ -163,13 +153,14 @@ def newton_solve(
     for _ in range(config.max_iters):
         f, jac = cell.step_and_jacobian(shift_states(h, initial), u)
         r = f - h
-        residuals.append(r.abs().amax())
+        if info is not None or config.tol is not None:  # a max-norm is a host sync: only when asked for
+            residuals.append(r.abs().amax())
         if config.tol is not None and residuals[-1].item() <= config.tol:
             break
-        delta = linear_solve(cell.structure, jac, r, config.scan_backend)
+        delta = linear_solve(cell.structure, jac, r, config.backend)
         h = h + delta if config.omega == 1.0 else h + config.omega * delta
         done += 1
-    if config.check_residual:
+    if config.check_residual and info is not None:
         residuals.append((cell.step(shift_states(h, initial), u) - h).abs().amax())
     if info is not None:
         info.iterations = done
@@ -200,7 +191,7 @@ class NewtonRNNFunction(torch.autograd.Function):
         params = cell.recurrent_parameters()
         with torch.no_grad():
             jac = cell.jacobian(shift_states(h, initial), u)
-            lam = adjoint_solve(cell.structure, jac, grad_h.contiguous(), config.scan_backend)
+            lam = adjoint_solve(cell.structure, jac, grad_h.contiguous(), config.backend)
         grads = step_vjp(cell, params, u, initial, h, lam, ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5:])
         return (None, None, None, *grads)
 
@@ -373,7 +364,7 @@ def fused_apply(
     info: NewtonInfo | None = None,
 ) -> torch.Tensor:
     """:func:`parallel_apply` through the fused kernels (ParaGRU and ParaLSTM only, see :func:`fused_kind`):
-    Triton or the compiled CPU kernel, as ``config.fused_backend`` resolves for ``u``'s device.
+    Triton (``config.backend == "fused"``) or the compiled CPU kernel (``"cpp"``).
 
     Runs exactly ``config.max_iters`` iterations (no ``tol``); ``info.residuals`` holds only the final
     residual, and only with ``config.check_residual``.
@@ -381,7 +372,7 @@ def fused_apply(
     kind = fused_kind(cell)
     if kind is None:
         raise ValueError(f"no fused kernel for {type(cell).__name__}")
-    if resolve_fused_backend(config.fused_backend, u) == "triton":
+    if config.backend == "fused":
         h = FusedNewtonFunction.apply(cell, config, kind, u, initial, *cell.recurrent_parameters())
     else:
         h = CpuFusedNewtonFunction.apply(kind, config, u, *_bounded_vectors(cell, kind), initial)

@@ -5,87 +5,22 @@ as batched matmuls; only the ``num_chunks``-long state recurrence between chunks
 Gradients come from autograd through this form: it saves the chunk-boundary states and ``C×C``
 intra-chunk tensors, so memory grows with ``seq / C`` states, never one state per token.
 
-The packing helpers here (:class:`ChunkLayout`) are shared with :mod:`seqzoo.ops.gla.chunk`.
+Chunks and packed sequences follow :class:`seqzoo.ops.core.ChunkLayout`; the chunk-to-chunk loop is
+:func:`seqzoo.ops.core.scan_chunks`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
+from seqzoo.ops.core import ChunkLayout, compute_dtype, scan_chunks
 from seqzoo.ops.utils import default_scale
 
 
-@dataclass
-class ChunkLayout:
-    """How ``[batch, seq]`` tokens map onto ``[rows, num_chunks, chunk]`` slots.
-
-    Without ``cu_seqlens`` each batch row is one sequence, zero-padded at its end. With ``cu_seqlens``
-    (batch 1) every packed sequence starts a new chunk and is zero-padded to a chunk multiple, so no
-    chunk straddles two sequences; ``gather`` picks tokens into slots (index ``seq`` is a zero row)
-    and ``scatter`` picks outputs back.
-    """
-
-    chunk: int
-    num_chunks: int
-    seq: int
-    # chunk index -> sequence index for every chunk that starts a sequence.
-    starts: dict[int, int]
-    gather: torch.Tensor | None = None
-    scatter: torch.Tensor | None = None
-
-    @classmethod
-    def build(cls, seq: int, chunk: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> ChunkLayout:
-        if cu_seqlens is None:
-            return cls(chunk, max(1, -(-seq // chunk)), seq, {0: 0})
-        offsets = cu_seqlens.tolist()
-        gather, scatter, starts, n = [], [], {}, 0
-        for i, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
-            starts[n] = i
-            length = eos - bos
-            chunks = -(-length // chunk)
-            scatter.extend(range(n * chunk, n * chunk + length))
-            gather.extend(range(bos, eos))
-            gather.extend([seq] * (chunks * chunk - length))
-            n += chunks
-        as_index = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return cls(chunk, n, seq, starts, as_index(gather), as_index(scatter))
-
-    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, seq, heads, *d]`` → ``[rows, heads, num_chunks, chunk, *d]`` (zero padding)."""
-        if self.gather is None:
-            pad = self.num_chunks * self.chunk - self.seq
-            if pad:
-                x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-            return rearrange(x, "b (n c) h ... -> b h n c ...", c=self.chunk)
-        flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])], dim=0)
-        return rearrange(flat[self.gather], "(n c) h ... -> 1 h n c ...", c=self.chunk)
-
-    def from_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """``[rows, heads, num_chunks, chunk, *d]`` → ``[batch, seq, heads, *d]`` (padding dropped)."""
-        x = rearrange(x, "b h n c ... -> b (n c) h ...")
-        if self.gather is None:
-            return x[:, : self.seq]
-        return x[:, self.scatter]
-
-    def initial_states(self, initial_state: torch.Tensor | None, num_seqs: int) -> list[torch.Tensor | None]:
-        """The initial state each sequence start loads, shaped ``[rows, heads, K, V]`` (or ``None``)."""
-        if self.gather is None:
-            return [initial_state]
-        return [None if initial_state is None else initial_state[i : i + 1] for i in range(num_seqs)]
-
-
-def scan_chunk_states(
-    kv: torch.Tensor,
-    decay: torch.Tensor | None,
-    layout: ChunkLayout,
-    initial_state: torch.Tensor | None,
-    num_seqs: int,
+def scan_gated_states(
+    kv: torch.Tensor, decay: torch.Tensor | None, layout: ChunkLayout, initial_state: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequential part: ``S_{n+1} = decay_n ⊙ S_n + kv_n``, restarted at every sequence start.
+    """The sequential part of (simple) GLA: ``S_{n+1} = decay_n ⊙ S_n + kv_n``, restarted at every sequence start.
 
     Args:
         kv: each chunk's own contribution ``[rows, heads, num_chunks, K, V]``.
@@ -96,19 +31,14 @@ def scan_chunk_states(
         the state entering each chunk ``[rows, heads, num_chunks, K, V]`` and the final states
         ``[batch or num_seqs, heads, K, V]``.
     """
-    h0 = layout.initial_states(initial_state, num_seqs)
-    states, finals, state = [], [], None
-    for n in range(layout.num_chunks):
-        seq_index = layout.starts.get(n)
-        if seq_index is not None:
-            if state is not None:
-                finals.append(state)
-            start = h0[seq_index]
-            state = kv.new_zeros(kv[:, :, 0].shape) if start is None else start.to(kv.dtype)
-        states.append(state)
-        state = kv[:, :, n] + (state if decay is None else state * decay[:, :, n])
-    finals.append(state)
-    return torch.stack(states, dim=2), torch.cat(finals, dim=0)
+    if initial_state is not None:
+        initial_state = initial_state.to(kv.dtype)
+
+    def step(n: int, state: torch.Tensor) -> torch.Tensor:
+        return kv[:, :, n] + (state if decay is None else state * decay[:, :, n])
+
+    entering, finals = scan_chunks(layout, step, initial_state, lambda: kv.new_zeros(kv[:, :, 0].shape))
+    return torch.stack(entering, dim=2), finals
 
 
 def reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,10 +66,9 @@ def simple_gla_chunk(
     returns ``o`` in ``q.dtype`` and the final state in the compute dtype (or ``None``).
     """
     batch, seq, heads, key_dim = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(q)
     scale = default_scale(scale, key_dim)
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    layout = ChunkLayout.build(seq, chunk_size, cu_seqlens, q.device)
+    layout = ChunkLayout.build(batch, seq, chunk_size, cu_seqlens, q.device, op="simple_gla")
 
     qc = layout.to_chunks(q.to(acc) * scale)
     kc = layout.to_chunks(k.to(acc))
@@ -166,7 +95,7 @@ def simple_gla_chunk(
         kv = (kc * to_end.exp()[..., None]).transpose(-1, -2) @ vc
         decay = b[..., -1:].exp()[..., None]
         q_in = qc * b.exp()[..., None]
-    states, finals = scan_chunk_states(kv, decay, layout, initial_state, num_seqs)
+    states, finals = scan_gated_states(kv, decay, layout, initial_state)
     o = q_in @ states + scores @ vc
     o = layout.from_chunks(o).to(q.dtype)
     return o, (finals if output_final_state else None)

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from seqzoo.ops.utils import TRITON_INTERPRET, autotune_configs, default_scale
+from seqzoo.ops.core import TRITON_INTERPRET
+from seqzoo.ops.utils import autotune_configs, default_scale
 
 BT = 64  # chunk length; a multiple of the 16-row sub-chunks GLA's intra kernels use
 

@@ -241,12 +241,12 @@ def _pararnn_run(cell, x, h0, device, dtype, **kw) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("seq", [1, 777, 4096])
-@pytest.mark.parametrize("mode", ["fused", "parallel"])
+@pytest.mark.parametrize("backend", ["fused", "triton"])
 @pytest.mark.parametrize("cell_cls", [ParaGRU, ParaLSTM], ids=["gru", "lstm"])
-def test_pararnn_cuda_matches_float64_solve(cell_cls, mode, seq):
+def test_pararnn_cuda_matches_float64_solve(cell_cls, backend, seq):
     cell, x, h0 = _pararnn_case(cell_cls, seq)
-    ref = _pararnn_run(cell, x, h0, torch.device("cpu"), F64, mode="parallel", scan_backend="torch")
-    got = _pararnn_run(cell, x, h0, CUDA, torch.float32, mode=mode, **({"scan_backend": "triton"} if mode == "parallel" else {}))
+    ref = _pararnn_run(cell, x, h0, torch.device("cpu"), F64, backend="torch")
+    got = _pararnn_run(cell, x, h0, CUDA, torch.float32, backend=backend)
     errors = _errors(got, ref)
     worst = max(range(len(errors)), key=errors.__getitem__)
     assert errors[worst] < 1e-4, f"tensor {worst} of {len(errors)} has relative error {errors[worst]:.2e}"

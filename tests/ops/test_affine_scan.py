@@ -7,7 +7,7 @@ import torch
 
 from seqzoo.ops.affine_scan import adjoint_coeff, affine_scan
 from seqzoo.ops.affine_scan.chunked import combine_parts, to_parts
-from seqzoo.ops.utils import OpInputError
+from seqzoo.ops.core import OpInputError
 from tests.helpers import assert_rel_close
 
 LENGTHS = (1, 37, 64, 130)

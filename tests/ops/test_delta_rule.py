@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seqzoo.ops.core import OpInputError, checking
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
 from seqzoo.ops.gated_delta_rule import triton as gdr_triton
 from seqzoo.ops.gated_delta_rule.reference import gated_delta_rule_reference
-from seqzoo.ops.utils import OpInputError
 from tests.helpers import assert_rel_close, rel_err
 
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
@@ -319,10 +319,14 @@ def test_triton_fused_recurrent(gated, seq, monkeypatch):
     kernel = gdr_triton.fused_recurrent_gated_delta_rule
     monkeypatch.setattr(gdr_triton, "fused_recurrent_gated_delta_rule", lambda *a: calls.append(1) or kernel(*a))
     with torch.no_grad():
-        out = run(x, gated=gated, backend="triton")
-    assert calls, "short no-grad calls on the triton backend use the fused recurrent kernel"
+        out = run(x, gated=gated, backend="fused")
+        assert calls, "backend='fused' runs the fused recurrent kernel"
+        calls.clear()
+        chunked = run(x, gated=gated, backend="triton")
+    assert not calls, "an explicit backend='triton' is never switched to the recurrent kernel, however short the call"
     assert_rel_close(out[0], ref[0], 1e-5, "recurrent output")
     assert_rel_close(out[1], ref[1], 1e-5, "recurrent final state")
+    assert_rel_close(chunked[0], ref[0], 1e-5, "chunked output")
 
 
 @pytest.mark.triton
@@ -412,8 +416,9 @@ def test_gated_input_errors(mutate, match):
     args = dict(q=q, k=k, v=v, beta=beta, g=g)
     mutate(args)
     q, k, v, beta, g = (args.pop(n) for n in ("q", "k", "v", "beta", "g"))
-    with pytest.raises(OpInputError, match=match):
-        gated_delta_rule(q, k, v, beta, g, **args)
+    with checking():  # the value checks (NaN, a positive gate, bad offsets) run in checking mode
+        with pytest.raises(OpInputError, match=match):
+            gated_delta_rule(q, k, v, beta, g, **args)
 
 
 @pytest.mark.parametrize(
@@ -427,10 +432,11 @@ def test_gated_input_errors(mutate, match):
 )
 def test_cu_seqlens_errors(cu, match):
     q, k, v, beta, g = (t[:1] for t in _good())
-    with pytest.raises(OpInputError, match=match):
-        gated_delta_rule(q, k, v, beta, g, cu_seqlens=cu)
-    with pytest.raises(OpInputError, match=match):
-        delta_rule(q, k, v, beta, cu_seqlens=cu)
+    with checking():  # the value checks (NaN, a positive gate, bad offsets) run in checking mode
+        with pytest.raises(OpInputError, match=match):
+            gated_delta_rule(q, k, v, beta, g, cu_seqlens=cu)
+        with pytest.raises(OpInputError, match=match):
+            delta_rule(q, k, v, beta, cu_seqlens=cu)
 
 
 def test_packed_state_shape_error():

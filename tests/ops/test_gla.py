@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seqzoo.ops.core import OpInputError, checking
 from seqzoo.ops.gla import gla, gla_chunk, gla_reference
 from seqzoo.ops.simple_gla import simple_gla
-from seqzoo.ops.utils import OpInputError
 from tests.helpers import assert_rel_close
 from tests.ops.test_simple_gla import assert_all_close, masked_linear_attention, outputs_and_grads, split_by_sequence
 
@@ -138,26 +138,27 @@ def test_chunk_gradcheck():
 
 def test_input_errors():
     q, k, v, g, h0 = make_inputs(2, 10, 2, 4, 6, dtype=torch.float32)
-    with pytest.raises(OpInputError, match="k has shape"):
-        gla(q, k[:, :5], v, g)
-    with pytest.raises(OpInputError, match="v has shape"):
-        gla(q, k, v[:, :, :1], g)
-    with pytest.raises(OpInputError, match="g has shape"):
-        gla(q, k, v, g[..., 0])
-    with pytest.raises(OpInputError, match="g is required"):
-        gla(q, k, v, None)
-    with pytest.raises(OpInputError, match="must be <= 0"):
-        gla(q, k, v, g.abs() + 0.1)
-    with pytest.raises(OpInputError, match="floating-point"):
-        gla(q, k, v.int(), g)
-    with pytest.raises(OpInputError, match="needs batch 1"):
-        gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
-    with pytest.raises(OpInputError, match="strictly increasing"):
-        gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 4, 4, 10]))
-    with pytest.raises(OpInputError, match="initial_state has shape"):
-        gla(q, k, v, g, initial_state=h0[:1])
-    with pytest.raises(OpInputError, match="unknown backend"):
-        gla(q, k, v, g, backend="cuda")
+    with checking():  # the value checks (NaN, a positive gate, bad offsets) run in checking mode
+        with pytest.raises(OpInputError, match="k has shape"):
+            gla(q, k[:, :5], v, g)
+        with pytest.raises(OpInputError, match="v has shape"):
+            gla(q, k, v[:, :, :1], g)
+        with pytest.raises(OpInputError, match="g has shape"):
+            gla(q, k, v, g[..., 0])
+        with pytest.raises(OpInputError, match="g is required"):
+            gla(q, k, v, None)
+        with pytest.raises(OpInputError, match="must be <= 0"):
+            gla(q, k, v, g.abs() + 0.1)
+        with pytest.raises(OpInputError, match="floating-point"):
+            gla(q, k, v.int(), g)
+        with pytest.raises(OpInputError, match="needs batch 1"):
+            gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
+        with pytest.raises(OpInputError, match="strictly increasing"):
+            gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 4, 4, 10]))
+        with pytest.raises(OpInputError, match="initial_state has shape"):
+            gla(q, k, v, g, initial_state=h0[:1])
+        with pytest.raises(OpInputError, match="unknown backend"):
+            gla(q, k, v, g, backend="cuda")
 
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
@@ -186,7 +187,7 @@ def test_triton_recurrent_matches_reference():
     o, ht = _triton("gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True)
     assert_rel_close(o, o_ref, 1e-5, "o")
     assert_rel_close(ht, ht_ref, 1e-5, "final_state")
-    o_pub, _ = gla(q, k, v, g, initial_state=h0, backend="triton")
+    o_pub, _ = gla(q, k, v, g, initial_state=h0, backend="fused")
     assert torch.equal(o_pub, o)
 
 

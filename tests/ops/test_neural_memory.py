@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
+from seqzoo.ops.core import OpInputError, checking
 from seqzoo.ops.neural_memory import LinearMemoryState, MLPMemoryState, neural_memory
-from seqzoo.ops.utils import OpInputError
 from tests.helpers import assert_rel_close, rel_err
 
 F64 = torch.float64
@@ -416,9 +416,10 @@ def test_input_errors(case):
     x, _ = make_inputs(seq=5, heads=2, seed=0)
     args = {**x, "chunk_size": 4, **override}
     pos = [args.pop(n) for n in ("q", "k", "v", "lr", "momentum", "decay")]
-    with pytest.raises(OpInputError, match=re.escape(match)) as info:
-        neural_memory(*pos, **args)
-    assert "\n" not in str(info.value)
+    with checking():  # the value checks (NaN, a positive gate, bad offsets) run in checking mode
+        with pytest.raises(OpInputError, match=re.escape(match)) as info:
+            neural_memory(*pos, **args)
+        assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- retrieval="chunk"

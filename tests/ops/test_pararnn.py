@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from seqzoo.ops.core import OpInputError
 from seqzoo.ops.pararnn import (
     NewtonConfig,
     ParaGRU,
@@ -21,7 +22,6 @@ from seqzoo.ops.pararnn import (
     newton_solve,
     pararnn,
 )
-from seqzoo.ops.utils import OpInputError
 from tests.helpers import assert_rel_close, rel_err
 
 CELLS = [ParaGRU, ParaLSTM]
@@ -90,11 +90,11 @@ class DenseView(RecurrentCell):
 def test_newton_with_seq_iterations_is_sequential(cell_cls):
     # Unbounded and scaled up so that 3 iterations are far from converged: only causality makes this exact.
     cell, x, h0 = make(cell_cls, seq=20, bound=None, scale=30.0)
-    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
-    out, _, info = pararnn(cell, x, initial=h0, max_iters=20, return_info=True)
+    ref, _ = pararnn(cell, x, initial=h0, backend="reference")
+    out, _, info = pararnn(cell, x, backend="torch", initial=h0, max_iters=20, return_info=True)
     assert info.iterations == 20
     assert_rel_close(out, ref, 1e-12)
-    out3, _ = pararnn(cell, x, initial=h0, max_iters=3)
+    out3, _ = pararnn(cell, x, backend="torch", initial=h0, max_iters=3)
     assert rel_err(out3, ref) > 1e-6, "the test needs a case Newton does not solve in 3 steps"
 
 
@@ -103,7 +103,9 @@ def test_newton_with_seq_iterations_is_sequential(cell_cls):
 def test_first_k_plus_one_states_exact_after_k_iterations(cell_cls, guess):
     cell, x, h0 = make(cell_cls, seq=12, bound=None, scale=30.0)
     # The full state (ParaLSTM's c too), step by step.
-    state_ref = torch.stack([pararnn(cell, x[:, : t + 1], initial=h0, mode="sequential", output_final_state=True)[1] for t in range(12)], 1)
+    state_ref = torch.stack(
+        [pararnn(cell, x[:, : t + 1], initial=h0, backend="reference", output_final_state=True)[1] for t in range(12)], 1
+    )
     for k in range(0 if guess == "f0" else 1, 6):
         exact = k + 1 if guess == "f0" else k
         h = newton_solve(cell, cell.prepare(x), h0, NewtonConfig(max_iters=k, init_guess=guess))
@@ -115,9 +117,9 @@ def test_first_k_plus_one_states_exact_after_k_iterations(cell_cls, guess):
 @pytest.mark.parametrize("cell_cls", CELLS)
 def test_three_iterations_fp32_long_sequence(cell_cls):
     cell, x, h0 = make(cell_cls, input_size=4, hidden=4, batch=1, seq=4096, dtype=torch.float32)
-    out, _, info = pararnn(cell, x, initial=h0, return_info=True)
+    out, _, info = pararnn(cell, x, backend="torch", initial=h0, return_info=True)
     with torch.no_grad():
-        ref, _ = pararnn(copy.deepcopy(cell).double(), x.double(), initial=h0.double(), mode="sequential")
+        ref, _ = pararnn(copy.deepcopy(cell).double(), x.double(), initial=h0.double(), backend="reference")
     assert info.iterations == 3 and len(info.residuals) == 3
     assert info.residuals[-1] < info.residuals[0]
     assert out.dtype == torch.float32
@@ -149,13 +151,13 @@ def test_gradients_equal_backprop_through_loop(cell_cls):
     cell_seq = copy.deepcopy(cell)
     w = torch.randn(2, 30, cell.hidden_size, dtype=torch.float64)
 
-    def grads(c, mode):
+    def grads(c, backend):
         xx, hh = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
-        y, final = pararnn(c, xx, initial=hh, mode=mode, max_iters=8, output_final_state=True)
+        y, final = pararnn(c, xx, initial=hh, backend=backend, max_iters=8, output_final_state=True)
         ((y * w).sum() + final.sum()).backward()
         return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
 
-    for got, ref in zip(grads(cell, "parallel"), grads(cell_seq, "sequential")):
+    for got, ref in zip(grads(cell, "torch"), grads(cell_seq, "reference")):
         assert_rel_close(got, ref, 1e-10, "gradient")
 
 
@@ -165,7 +167,7 @@ class _Runner(nn.Module):
         self.cell = cell
 
     def forward(self, x, h0):
-        return pararnn(self.cell, x, initial=h0, max_iters=5)[0]
+        return pararnn(self.cell, x, backend="torch", initial=h0, max_iters=5)[0]
 
 
 @pytest.mark.parametrize("cell_cls", CELLS)
@@ -201,8 +203,8 @@ def test_affine_cell_exact_in_one_iteration(structure):
     torch.manual_seed(4)
     cell = AffineCell(3, structure)
     x = torch.randn(2, 40, 3, dtype=torch.float64)
-    ref, _ = pararnn(cell, x, mode="sequential")
-    out, _, info = pararnn(cell, x, max_iters=1, init_guess="zeros", return_info=True)
+    ref, _ = pararnn(cell, x, backend="reference")
+    out, _, info = pararnn(cell, x, backend="torch", max_iters=1, init_guess="zeros", return_info=True)
     assert info.iterations == 1
     assert_rel_close(out, ref, 1e-10)
 
@@ -230,7 +232,7 @@ def test_block2_path_equals_dense_path():
     results = []
     for c in (cell, dense):
         xx = x.clone().requires_grad_(True)
-        y, _, info = pararnn(c, xx, initial=h0, max_iters=3, return_info=True)
+        y, _, info = pararnn(c, xx, backend="torch", initial=h0, max_iters=3, return_info=True)
         (y * w).sum().backward()
         results.append((y.detach(), xx.grad, c.recurrent_parameters()[0].grad, info.residuals))
     (y1, gx1, gp1, r1), (y2, gx2, gp2, r2) = results
@@ -249,7 +251,7 @@ def test_dense_elman_cell_trains_through_solver():
     opt = torch.optim.Adam(list(cell.parameters()) + list(head.parameters()), lr=3e-2)
     losses = []
     for _ in range(12):
-        y, _ = pararnn(cell, x, max_iters=4)
+        y, _ = pararnn(cell, x, backend="torch", max_iters=4)
         loss = ((head(y) - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
@@ -259,23 +261,23 @@ def test_dense_elman_cell_trains_through_solver():
     assert cell.w.grad is not None and cell.inp.weight.grad is not None
     # And the parallel gradient is the sequential one (the Elman cell converges in a few steps).
     xx = x[:2, :10].clone().requires_grad_(True)
-    g1 = torch.autograd.grad(pararnn(cell, xx, max_iters=10)[0].sum(), [xx, cell.w])
-    g2 = torch.autograd.grad(pararnn(cell, xx, mode="sequential")[0].sum(), [xx, cell.w])
+    g1 = torch.autograd.grad(pararnn(cell, xx, backend="torch", max_iters=10)[0].sum(), [xx, cell.w])
+    g2 = torch.autograd.grad(pararnn(cell, xx, backend="reference")[0].sum(), [xx, cell.w])
     for a, b in zip(g1, g2):
         assert_rel_close(a, b, 1e-10)
 
 
 def test_damping_early_stop_and_info():
     cell, x, h0 = make(ParaGRU, seq=40)
-    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
-    _, _, info = pararnn(cell, x, initial=h0, max_iters=50, tol=1e-12, return_info=True)
+    ref, _ = pararnn(cell, x, initial=h0, backend="reference")
+    _, _, info = pararnn(cell, x, backend="torch", initial=h0, max_iters=50, tol=1e-12, return_info=True)
     assert info.iterations < 10 and info.residuals[-1] <= 1e-12
-    damped, _, dinfo = pararnn(cell, x, initial=h0, max_iters=40, omega=0.7, return_info=True)
+    damped, _, dinfo = pararnn(cell, x, backend="torch", initial=h0, max_iters=40, omega=0.7, return_info=True)
     assert dinfo.iterations == 40
     assert_rel_close(damped, ref, 1e-9)
-    _, _, cinfo = pararnn(cell, x, initial=h0, max_iters=3, check_residual=True, return_info=True)
+    _, _, cinfo = pararnn(cell, x, backend="torch", initial=h0, max_iters=3, check_residual=True, return_info=True)
     assert len(cinfo.residuals) == 4 and cinfo.residuals[3] < cinfo.residuals[2] < cinfo.residuals[0]
-    y_seq, final_seq, none_info = pararnn(cell, x, initial=h0, mode="sequential", output_final_state=True, return_info=True)
+    y_seq, final_seq, none_info = pararnn(cell, x, initial=h0, backend="reference", output_final_state=True, return_info=True)
     assert none_info is None and torch.equal(final_seq[:, -cell.hidden_size :], y_seq[:, -1])
 
 
@@ -284,19 +286,19 @@ def test_damping_early_stop_and_info():
 def test_triton_scan_backend(cell_cls):
     cell, x, h0 = make(cell_cls, input_size=2, hidden=2, batch=1, seq=20, dtype=torch.float32)
     xx = x.clone().requires_grad_(True)
-    y, _ = pararnn(cell, xx, initial=h0, max_iters=20, scan_backend="triton")
+    y, _ = pararnn(cell, xx, initial=h0, max_iters=20, backend="triton")
     y.sum().backward()
     xs = x.clone().requires_grad_(True)
-    ref, _ = pararnn(copy.deepcopy(cell), xs, initial=h0, mode="sequential")
+    ref, _ = pararnn(copy.deepcopy(cell), xs, initial=h0, backend="reference")
     ref.sum().backward()
     assert_rel_close(y, ref, 1e-5)
     assert_rel_close(xx.grad, xs.grad, 1e-4)
 
 
-# Fused Triton kernels (mode="fused", fused_backend="triton"): under the interpreter with small tiles, so 37
+# Fused Triton kernels (backend="fused"): under the interpreter with small tiles, so 37
 # steps span three time tiles.
 FUSED_CHUNK = 16
-TRITON = dict(mode="fused", fused_backend="triton")
+TRITON = dict(backend="fused")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -309,7 +311,7 @@ def test_fused_equals_parallel(cell_cls, dtype, seq):
     out, final, info = pararnn(
         cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=FUSED_CHUNK, output_final_state=True, return_info=True
     )
-    ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", max_iters=3, output_final_state=True)
+    ref, ref_final = pararnn(cell, x, initial=h0, backend="torch", max_iters=3, output_final_state=True)
     assert out.dtype == dtype and info.iterations == 3
     assert_rel_close(out, ref, TOL[dtype])
     assert_rel_close(final, ref_final, TOL[dtype], "final state")
@@ -321,7 +323,7 @@ def test_fused_zero_guess_damping_no_initial_and_residual(cell_cls):
     cell, x, _ = make(cell_cls, input_size=8, hidden=8, seq=37, scale=5.0)
     kw = dict(max_iters=4, omega=0.7, init_guess="zeros", check_residual=True, return_info=True)
     out, _, info = pararnn(cell, x, **TRITON, chunk_size=8, **kw)
-    ref, _, ref_info = pararnn(cell, x, mode="parallel", **kw)
+    ref, _, ref_info = pararnn(cell, x, backend="torch", **kw)
     assert_rel_close(out, ref, 1e-12)
     assert info.residuals == pytest.approx(ref_info.residuals[-1:], rel=1e-9)
 
@@ -334,7 +336,7 @@ def test_fused_seq_iterations_is_sequential(cell_cls, dtype):
     # fp64: unbounded and scaled up, so only causality (k iterations fix h_0..h_k) makes it exact; 12 steps, 3 tiles.
     big = dict(bound=None, scale=30.0) if dtype == torch.float64 else {}
     cell, x, h0 = make(cell_cls, input_size=8, hidden=8, batch=1, seq=12, dtype=dtype, **big)
-    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
+    ref, _ = pararnn(cell, x, initial=h0, backend="reference")
     out, _ = pararnn(cell, x, initial=h0, **TRITON, max_iters=12, chunk_size=4)
     if big:
         three, _ = pararnn(cell, x, initial=h0, **TRITON, max_iters=3, chunk_size=4)
@@ -350,14 +352,14 @@ def test_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
     cell_seq = copy.deepcopy(cell)
     w = torch.randn(2, 37, cell.hidden_size, dtype=dtype)
 
-    def grads(c, mode, **kw):
+    def grads(c, backend, **kw):
         xx, hh = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
-        y, final = pararnn(c, xx, initial=hh, mode=mode, output_final_state=True, **kw)
+        y, final = pararnn(c, xx, initial=hh, backend=backend, output_final_state=True, **kw)
         ((y * w).sum() + final.sum()).backward()
         return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
 
-    got = grads(cell, "fused", fused_backend="triton", max_iters=6, chunk_size=FUSED_CHUNK)
-    ref = grads(cell_seq, "sequential")
+    got = grads(cell, "fused", max_iters=6, chunk_size=FUSED_CHUNK)
+    ref = grads(cell_seq, "reference")
     assert len(got) == 2 + len(list(cell.parameters()))
     for g, r in zip(got, ref):
         assert_rel_close(g, r, 1e-4 if dtype == torch.float32 else 1e-10, "gradient")
@@ -369,14 +371,13 @@ def test_fused_low_precision_input_computes_in_fp32():
     xb = x.bfloat16().requires_grad_(True)
     y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), **TRITON, max_iters=9, chunk_size=4)
     y.float().sum().backward()
-    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), mode="sequential")
+    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), backend="reference")
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert_rel_close(y, ref, 2e-2)
 
 
-@pytest.mark.triton  # on CPU tensors the fused mode gets past its device check only under the interpreter
+@pytest.mark.triton  # on CPU tensors the fused Triton kernel gets past its device check only under the interpreter
 def test_fused_errors_are_one_line(monkeypatch):
-    pr = importlib.import_module("seqzoo.ops.pararnn")  # the package re-exports a function of the same name
 
     class StepGRU(ParaGRU):
         def step(self, h_prev, u):
@@ -394,13 +395,13 @@ def test_fused_errors_are_one_line(monkeypatch):
         with pytest.raises(OpInputError, match=message) as err:
             pararnn(c, x, **TRITON, **kwargs)
         assert "\n" not in str(err.value)
-    monkeypatch.setattr(pr, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("seqzoo.ops.core.dispatch"), "TRITON_INTERPRET", False)
     with pytest.raises(OpInputError, match="needs CUDA tensors") as err:
         pararnn(cell, x, **TRITON)
     assert "\n" not in str(err.value)
 
 
-# The compiled CPU kernel (mode="fused" on CPU tensors; fused_backend "auto" resolves to "cpu"). Hidden 22 is
+# The compiled CPU kernel (backend="cpp"). Hidden 22 is
 # one full 16-channel work item and a 6-channel tail per sequence, so both compiled widths run.
 CPU_HIDDEN = 22
 
@@ -411,8 +412,8 @@ CPU_HIDDEN = 22
 def test_cpu_fused_equals_parallel(cell_cls, dtype, seq):
     # Same three Newton iterates as the PyTorch solve, from an initial state, with the final state.
     cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, batch=3, seq=seq, dtype=dtype)
-    out, final, info = pararnn(cell, x, initial=h0, mode="fused", output_final_state=True, return_info=True)
-    ref, ref_final = pararnn(cell, x, initial=h0, mode="parallel", output_final_state=True)
+    out, final, info = pararnn(cell, x, initial=h0, backend="cpp", output_final_state=True, return_info=True)
+    ref, ref_final = pararnn(cell, x, initial=h0, backend="torch", output_final_state=True)
     assert out.dtype == dtype and info.iterations == 3
     assert_rel_close(out, ref, TOL[dtype])
     assert_rel_close(final, ref_final, TOL[dtype], "final state")
@@ -422,8 +423,8 @@ def test_cpu_fused_equals_parallel(cell_cls, dtype, seq):
 def test_cpu_fused_zero_guess_damping_no_initial_and_residual(cell_cls):
     cell, x, _ = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, seq=37, scale=5.0)
     kw = dict(max_iters=4, omega=0.7, init_guess="zeros", check_residual=True, return_info=True)
-    out, _, info = pararnn(cell, x, mode="fused", **kw)
-    ref, _, ref_info = pararnn(cell, x, mode="parallel", **kw)
+    out, _, info = pararnn(cell, x, backend="cpp", **kw)
+    ref, _, ref_info = pararnn(cell, x, backend="torch", **kw)
     assert_rel_close(out, ref, 1e-12)
     assert info.residuals == pytest.approx(ref_info.residuals[-1:], rel=1e-9)
 
@@ -434,10 +435,10 @@ def test_cpu_fused_seq_iterations_is_sequential(cell_cls, dtype):
     # fp64: unbounded and scaled up, so only causality (k iterations fix h_0..h_k) makes it exact.
     big = dict(bound=None, scale=30.0) if dtype == torch.float64 else {}
     cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, batch=2, seq=12, dtype=dtype, **big)
-    ref, _ = pararnn(cell, x, initial=h0, mode="sequential")
-    out, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=12)
+    ref, _ = pararnn(cell, x, initial=h0, backend="reference")
+    out, _ = pararnn(cell, x, initial=h0, backend="cpp", max_iters=12)
     if big:
-        three, _ = pararnn(cell, x, initial=h0, mode="fused", max_iters=3)
+        three, _ = pararnn(cell, x, initial=h0, backend="cpp", max_iters=3)
         assert rel_err(three, ref) > 1e-6, "the test needs a case Newton does not solve in 3 steps"
     assert_rel_close(out, ref, TOL[dtype])
 
@@ -450,14 +451,14 @@ def test_cpu_fused_gradients_equal_backprop_through_loop(cell_cls, dtype):
     cell_seq = copy.deepcopy(cell)
     w = torch.randn(3, 37, cell.hidden_size, dtype=dtype)
 
-    def grads(c, mode, **kw):
+    def grads(c, backend, **kw):
         xx, hh = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
-        y, final = pararnn(c, xx, initial=hh, mode=mode, output_final_state=True, **kw)
+        y, final = pararnn(c, xx, initial=hh, backend=backend, output_final_state=True, **kw)
         ((y * w).sum() + final.sum()).backward()
         return [xx.grad, hh.grad] + [p.grad for p in c.parameters()]
 
-    got = grads(cell, "fused", max_iters=6)
-    ref = grads(cell_seq, "sequential")
+    got = grads(cell, "cpp", max_iters=6)
+    ref = grads(cell_seq, "reference")
     assert len(got) == 2 + len(list(cell.parameters()))
     for g, r in zip(got, ref):
         assert_rel_close(g, r, 1e-4 if dtype == torch.float32 else 1e-10, "gradient")
@@ -491,23 +492,23 @@ def test_cpu_fused_saturated_gates_stay_finite_and_match(cell_cls):
     # so σ and tanh reach their limits without inf or NaN, as torch's do.
     cell, x, h0 = make(cell_cls, input_size=8, hidden=CPU_HIDDEN, seq=37, dtype=torch.float32)
     x = 100.0 * x
-    out, _ = pararnn(cell, x, initial=h0, mode="fused")
-    ref, _ = pararnn(cell, x, initial=h0, mode="parallel")
+    out, _ = pararnn(cell, x, initial=h0, backend="cpp")
+    ref, _ = pararnn(cell, x, initial=h0, backend="torch")
     assert_rel_close(out, ref, 1e-5)
 
 
 def test_cpu_fused_low_precision_input_computes_in_fp32():
     cell, x, h0 = make(ParaLSTM, input_size=8, hidden=CPU_HIDDEN, seq=9, dtype=torch.float32)
     xb = x.bfloat16().requires_grad_(True)
-    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), mode="fused", max_iters=9)
+    y, _ = pararnn(cell.bfloat16(), xb, initial=h0.bfloat16(), backend="cpp", max_iters=9)
     y.float().sum().backward()
-    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), mode="sequential")
+    ref, _ = pararnn(cell, xb.detach(), initial=h0.bfloat16(), backend="reference")
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert all(p.grad.dtype == torch.bfloat16 for p in cell.parameters())
     assert_rel_close(y, ref, 2e-2)
 
 
-def test_auto_mode_takes_the_fused_kernel_where_it_runs(monkeypatch):
+def test_auto_backend_takes_the_fused_kernel_where_it_runs(monkeypatch):
     solver = importlib.import_module("seqzoo.ops.pararnn.solver")
     pr = importlib.import_module("seqzoo.ops.pararnn")
     calls = []
@@ -516,9 +517,9 @@ def test_auto_mode_takes_the_fused_kernel_where_it_runs(monkeypatch):
         monkeypatch.setattr(pr, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     gru, x, _ = make(ParaGRU)
     elman = ElmanCell(6, 4).double()
-    pararnn(gru, x, mode="auto")
-    pararnn(gru, x, mode="auto", tol=1e-9)  # tol is a parallel-mode feature
-    pararnn(elman, x, mode="auto")  # no fused kernel for this cell
+    pararnn(gru, x, backend="auto")
+    pararnn(gru, x, backend="auto", tol=1e-9)  # tol needs the Newton iterations over scans
+    pararnn(elman, x, backend="auto")  # no fused kernel for this cell
     assert calls == ["fused_apply", "parallel_apply", "parallel_apply"]
 
 
@@ -526,12 +527,12 @@ def test_cpu_kernel_that_cannot_build_is_one_line_error_and_auto_falls_back(monk
     cpu_fused = importlib.import_module("seqzoo.ops.pararnn.cpu_fused")
     monkeypatch.setattr(cpu_fused, "_BUILD", {"error": "cannot build the CPU ParaRNN kernel (no compiler)"})
     cell, x, _ = make(ParaGRU)
-    with pytest.raises(OpInputError, match="no compiler.*use mode='parallel'") as err:
-        pararnn(cell, x, mode="fused")
+    with pytest.raises(OpInputError, match="no compiler.*use backend='torch'") as err:
+        pararnn(cell, x, backend="cpp")
     assert "\n" not in str(err.value)
-    with pytest.warns(UserWarning, match="uses mode='parallel'"):
-        y, _ = pararnn(cell, x, mode="auto")
-    assert_rel_close(y, pararnn(cell, x, mode="parallel")[0], 1e-15)
+    with pytest.warns(UserWarning, match="runs backend='torch'"):
+        y, _ = pararnn(cell, x, backend="auto")
+    assert_rel_close(y, pararnn(cell, x, backend="torch")[0], 1e-15)
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4])
@@ -555,12 +556,11 @@ def test_input_errors():
     cases = [
         (dict(x=x.long()), "floating-point"),
         (dict(initial=h0[:, :3]), "initial has shape"),
-        (dict(mode="fast"), "mode must be"),
+        (dict(backend="fast"), "unknown backend"),
         (dict(init_guess="ones"), "init_guess"),
         (dict(max_iters=-1), "max_iters"),
         (dict(omega=0.0), "omega"),
-        (dict(scan_backend="cuda"), "scan_backend"),
-        (dict(fused_backend="cuda"), "fused_backend"),
+        (dict(backend="cuda"), "unknown backend"),
         (dict(x=x[:, :0]), "seq >= 1"),
     ]
     for kwargs, message in cases:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seqzoo.ops.core import OpInputError, checking
 from seqzoo.ops.simple_gla import simple_gla, simple_gla_chunk, simple_gla_reference
-from seqzoo.ops.utils import OpInputError
 from tests.helpers import assert_rel_close
 
 
@@ -187,26 +187,27 @@ def test_chunk_gradcheck():
 
 def test_input_errors():
     q, k, v, g, h0 = make_inputs(2, 10, 2, 4, 6, dtype=torch.float32)
-    with pytest.raises(OpInputError, match="k has shape"):
-        simple_gla(q, k[:, :5], v, g)
-    with pytest.raises(OpInputError, match="v has shape"):
-        simple_gla(q, k, v[:, :, :1], g)
-    with pytest.raises(OpInputError, match="g has shape"):
-        simple_gla(q, k, v, g[..., None])
-    with pytest.raises(OpInputError, match="must be <= 0"):
-        simple_gla(q, k, v, g.abs() + 0.1)
-    with pytest.raises(OpInputError, match="floating-point"):
-        simple_gla(q.long(), k, v, g)
-    with pytest.raises(OpInputError, match="needs batch 1"):
-        simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
-    with pytest.raises(OpInputError, match="strictly increasing"):
-        simple_gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 6, 4, 10]))
-    with pytest.raises(OpInputError, match="initial_state has shape"):
-        simple_gla(q, k, v, g, initial_state=h0[:, :, :, :5])
-    with pytest.raises(OpInputError, match="initial_state has shape"):
-        simple_gla(q[:1], k[:1], v[:1], g[:1], initial_state=h0[:1], cu_seqlens=torch.tensor([0, 4, 10]))
-    with pytest.raises(OpInputError, match="unknown backend"):
-        simple_gla(q, k, v, g, backend="cuda")
+    with checking():  # the value checks (NaN, a positive gate, bad offsets) run in checking mode
+        with pytest.raises(OpInputError, match="k has shape"):
+            simple_gla(q, k[:, :5], v, g)
+        with pytest.raises(OpInputError, match="v has shape"):
+            simple_gla(q, k, v[:, :, :1], g)
+        with pytest.raises(OpInputError, match="g has shape"):
+            simple_gla(q, k, v, g[..., None])
+        with pytest.raises(OpInputError, match="must be <= 0"):
+            simple_gla(q, k, v, g.abs() + 0.1)
+        with pytest.raises(OpInputError, match="floating-point"):
+            simple_gla(q.long(), k, v, g)
+        with pytest.raises(OpInputError, match="needs batch 1"):
+            simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
+        with pytest.raises(OpInputError, match="strictly increasing"):
+            simple_gla(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 6, 4, 10]))
+        with pytest.raises(OpInputError, match="initial_state has shape"):
+            simple_gla(q, k, v, g, initial_state=h0[:, :, :, :5])
+        with pytest.raises(OpInputError, match="initial_state has shape"):
+            simple_gla(q[:1], k[:1], v[:1], g[:1], initial_state=h0[:1], cu_seqlens=torch.tensor([0, 4, 10]))
+        with pytest.raises(OpInputError, match="unknown backend"):
+            simple_gla(q, k, v, g, backend="cuda")
 
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
@@ -237,7 +238,7 @@ def test_triton_recurrent_matches_reference(gate):
     assert_rel_close(o, o_ref, 1e-5, "o")
     assert_rel_close(ht, ht_ref, 1e-5, "final_state")
     # The public function takes this path for short inputs without grad: same numbers.
-    o_pub, _ = simple_gla(q, k, v, g, initial_state=h0, backend="triton")
+    o_pub, _ = simple_gla(q, k, v, g, initial_state=h0, backend="fused")
     assert torch.equal(o_pub, o)
 
 
