@@ -18,6 +18,9 @@ because every gradient inside a chunk is taken at the chunk-start weights.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -45,6 +48,83 @@ State = dict[str, Any]
 def _check(layer: str, ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(f"{layer}: {message}")
+
+
+def _check_option(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The options of a Titans memory branch (the same keywords in every Titans mixer), checked on construction.
+
+    Each field is documented in the mixers' ``Args``. ``head_dim=None`` means ``hidden_size // num_heads``
+    of the layer: :meth:`resolve` fills it in, and a branch is only built from resolved options.
+    A bad value raises a one-line :class:`ConfigError`.
+    """
+
+    num_heads: int = 2
+    head_dim: int | None = None
+    chunk_size: int = 16
+    memory: str = "linear"
+    mlp_expansion: int = 4
+    mlp_activation: str = "gelu"
+    mlp_residual_norm: bool = True
+    max_lr: float = 0.1
+    conv_size: int | None = 4
+    use_momentum: bool = True
+    use_decay: bool = True
+    retrieval: str = "token"
+
+    def __post_init__(self) -> None:
+        heads, dim = self.num_heads, self.head_dim
+        _check_option(heads >= 1 and (dim is None or dim >= 1), f"num_heads and head_dim must be >= 1, got {heads}, {dim}")
+        chunk = self.chunk_size
+        _check_option(isinstance(chunk, int) and chunk >= 1, f"chunk_size must be an int >= 1, got {chunk!r}")
+        _check_option(self.memory in ("linear", "mlp"), f"memory must be 'linear' or 'mlp', got {self.memory!r}")
+        _check_option(self.mlp_expansion >= 1, f"mlp_expansion must be >= 1, got {self.mlp_expansion}")
+        _check_option(self.mlp_activation in ("gelu", "silu", "relu", "tanh"), f"unknown mlp_activation {self.mlp_activation!r}")
+        _check_option(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr}")
+        _check_option(self.conv_size is None or self.conv_size >= 1, f"conv_size must be >= 1 or null, got {self.conv_size}")
+        _check_option(self.retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {self.retrieval!r}")
+
+    @classmethod
+    def resolve(cls, layer: str, hidden_size: int, options: Mapping[str, Any]) -> MemoryOptions:
+        """The memory keywords ``options`` of mixer ``layer`` as checked options, ``head_dim`` filled in.
+
+        Errors name ``layer``: an unknown keyword raises ``TypeError`` (as any Python call would), a bad
+        value :class:`ConfigError`.
+        """
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{layer}: unknown option(s) {', '.join(unknown)}")
+        options = dict(options)
+        if options.get("head_dim") is None:
+            options["head_dim"] = hidden_size // max(options.get("num_heads", cls.num_heads), 1)
+        try:
+            return cls(**options)
+        except ConfigError as error:
+            raise ConfigError(f"{layer}: {error}") from None
+
+
+def _memory_keywords(init: Callable[..., None]) -> Callable[..., None]:
+    """Give a mixer's ``__init__(self, hidden_size, layer_idx=0, *, own options, **memory)`` the signature it accepts.
+
+    The Titans mixers take the memory options as ``**memory`` so that their names and defaults live only in
+    :class:`MemoryOptions`, which rejects any other name. :func:`~seqzoo.models.registry.build_mixer` reads
+    the constructor's signature to reject unknown config keys (it accepts anything from a ``**`` parameter),
+    so the signature shown lists every :class:`MemoryOptions` field as a keyword-only parameter with its
+    default, after ``layer_idx`` and before the mixer's own options: the order of the config files.
+    """
+    signature = inspect.signature(init)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    own = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    memory = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(MemoryOptions)
+    ]
+    init.__signature__ = signature.replace(parameters=[p for p in params if p not in own] + memory + own)
+    return init
 
 
 def _load(cache: LayerCache | None) -> State:
@@ -78,42 +158,25 @@ class _MemoryBranch(nn.Module):
     ``[batch, p, heads, n_gates]`` for the ``p < chunk_size`` tokens after that boundary.
     """
 
-    def __init__(
-        self,
-        layer: str,
-        in_dim: int,
-        num_heads: int,
-        head_dim: int,
-        chunk_size: int,
-        memory: str,
-        mlp_expansion: int,
-        mlp_activation: str,
-        mlp_residual_norm: bool,
-        max_lr: float,
-        conv_size: int | None,
-        use_momentum: bool,
-        use_decay: bool,
-        retrieval: str = "token",
-    ) -> None:
+    def __init__(self, in_dim: int, options: MemoryOptions) -> None:
+        """``in_dim``: width of the branch's input; ``options``: resolved (``head_dim`` set, see :meth:`MemoryOptions.resolve`)."""
         super().__init__()
-        _check(layer, num_heads >= 1 and head_dim >= 1, f"num_heads and head_dim must be >= 1, got {num_heads}, {head_dim}")
-        _check(layer, isinstance(chunk_size, int) and chunk_size >= 1, f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        _check(layer, memory in ("linear", "mlp"), f"memory must be 'linear' or 'mlp', got {memory!r}")
-        _check(layer, mlp_expansion >= 1, f"mlp_expansion must be >= 1, got {mlp_expansion}")
-        _check(layer, mlp_activation in ("gelu", "silu", "relu", "tanh"), f"unknown mlp_activation {mlp_activation!r}")
-        _check(layer, max_lr > 0, f"max_lr must be > 0, got {max_lr}")
-        _check(layer, conv_size is None or conv_size >= 1, f"conv_size must be >= 1 or null, got {conv_size}")
-        _check(layer, retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
-        self.num_heads, self.head_dim, self.chunk_size, self.memory = num_heads, head_dim, chunk_size, memory
-        self.max_lr, self.use_momentum, self.use_decay = max_lr, use_momentum, use_decay
-        self.mlp_activation, self.retrieval = mlp_activation, retrieval
-        self.mlp_residual_norm = memory == "mlp" and mlp_residual_norm
-        self.n_gates = 1 + int(use_momentum) + int(use_decay)
+        self.options = options
+        # Flat copies of the options that the compute reads (and that eval's benchmark reads: max_lr).
+        num_heads, head_dim, conv_size = self.num_heads, self.head_dim, self.conv_size = (
+            options.num_heads,
+            options.head_dim,
+            options.conv_size,
+        )
+        self.chunk_size, self.memory, self.retrieval = options.chunk_size, options.memory, options.retrieval
+        self.max_lr, self.use_momentum, self.use_decay = options.max_lr, options.use_momentum, options.use_decay
+        self.mlp_activation = options.mlp_activation
+        self.mlp_residual_norm = options.memory == "mlp" and options.mlp_residual_norm
+        self.n_gates = 1 + int(options.use_momentum) + int(options.use_decay)
         width = num_heads * head_dim
         self.q_proj = nn.Linear(in_dim, width, bias=False)
         self.k_proj = nn.Linear(in_dim, width, bias=False)
         self.v_proj = nn.Linear(in_dim, width, bias=False)
-        self.conv_size = conv_size
         if conv_size is not None:
             self.q_conv = ShortConvolution(width, conv_size, activation="silu")
             self.k_conv = ShortConvolution(width, conv_size, activation="silu")
@@ -122,15 +185,15 @@ class _MemoryBranch(nn.Module):
         self.gate_proj = nn.Linear(in_dim, num_heads * self.n_gates)
         self.gate_proj._keep_init = True
         nn.init.normal_(self.gate_proj.weight, std=0.02)
-        biases = [_LR_BIAS] + [_MOMENTUM_BIAS] * use_momentum + [_DECAY_BIAS] * use_decay
+        biases = [_LR_BIAS] + [_MOMENTUM_BIAS] * options.use_momentum + [_DECAY_BIAS] * options.use_decay
         with torch.no_grad():
             self.gate_proj.bias.copy_(torch.tensor(biases).repeat(num_heads))
         # Learned per-head initial memory (never zero: a zero deep memory has zero hidden-layer gradients).
         # Exempt from weight decay, which would pull it towards that zero.
-        if memory == "linear":
+        if options.memory == "linear":
             self.init_weights = nn.ParameterList([nn.Parameter(_xavier(num_heads, head_dim, head_dim))])
         else:
-            hidden = mlp_expansion * head_dim
+            hidden = options.mlp_expansion * head_dim
             self.init_weights = nn.ParameterList(
                 [nn.Parameter(_xavier(num_heads, head_dim, hidden)), nn.Parameter(_xavier(num_heads, hidden, head_dim))]
             )
@@ -328,31 +391,13 @@ class TitansLMM(TokenMixer):
     """
     )
 
-    def __init__(
-        self,
-        hidden_size: int,
-        layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
-    ) -> None:
+    @_memory_keywords
+    def __init__(self, hidden_size: int, layer_idx: int = 0, **memory: Any) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_lmm", hidden_size, memory)
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _MemoryBranch(
-            "titans_lmm", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.memory = _MemoryBranch(hidden_size, options)
+        num_heads, head_dim = self.num_heads, self.head_dim = options.num_heads, options.head_dim
         self.g_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.out_norm = GatedRMSNorm(head_dim, activation="sigmoid")
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
@@ -411,33 +456,22 @@ class TitansMAG(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_mag", hidden_size, memory)
+        num_heads, head_dim = options.num_heads, options.head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _MemoryBranch(
-            "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
+        self.memory = _MemoryBranch(hidden_size, options)
         # No output projection: the gate's W_o projects the gated attention output.
         self.attn = _attention(
             "titans_mag", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
@@ -487,33 +521,22 @@ class TitansMAL(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.lmm = TitansLMM(
-            hidden_size, layer_idx, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
-        head_dim = self.lmm.head_dim
+        # The memory sub-layer is a whole titans_lmm: it builds (and checks) the memory options itself.
+        self.lmm = TitansLMM(hidden_size, layer_idx, **memory)
+        num_heads, head_dim = self.lmm.num_heads, self.lmm.head_dim
         self.attn_norm = RMSNorm(hidden_size)
         self.attn = _attention(
             "titans_mal", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
@@ -575,34 +598,24 @@ class TitansMAC(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         segment_size: int = 32,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_mac", hidden_size, memory)
+        num_heads, head_dim, chunk_size, conv_size = options.num_heads, options.head_dim, options.chunk_size, options.conv_size
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         width = num_heads * head_dim
-        self.memory = _MemoryBranch(
-            "titans_mac", width, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
+        # The memory branch of MAC reads and writes the attention output (width wide), not the layer input.
+        self.memory = _MemoryBranch(width, options)
         _check("titans_mac", isinstance(segment_size, int) and segment_size >= 1, f"segment_size must be an int >= 1, got {segment_size!r}")
         _check(
             "titans_mac", segment_size % chunk_size == 0, f"segment_size ({segment_size}) must be a multiple of chunk_size ({chunk_size})"

@@ -2,14 +2,18 @@
 mid-segment), token-by-token decode == parallel, causality (inside a chunk and inside a MAC segment),
 gradients, cache size, option errors, configs train through ``seqzoo.training.run``."""
 
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import OmegaConf
 
 import seqzoo.training as training
-from seqzoo.models import ConfigError, LanguageModel, build_mixer
-from seqzoo.models.titans import TitansMAC
+from seqzoo.models import ConfigError, LanguageModel, build_mixer, get_mixer_class
+from seqzoo.models.titans import MemoryOptions, TitansLMM, TitansMAC
 from seqzoo.ops import LinearMemoryState, neural_memory
 from tests.helpers import assert_rel_close
 from tests.test_training import TINY
@@ -179,6 +183,64 @@ def test_bad_options_fail_with_one_line(name, options, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_mixer(name, HIDDEN, 0, options)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_heads": 0}, "num_heads"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"chunk_size": 2.0}, "chunk_size must be an int"),
+        ({"memory": "deep"}, "memory must be"),
+        ({"mlp_expansion": 0}, "mlp_expansion"),
+        ({"mlp_activation": "elu"}, "mlp_activation"),
+        ({"max_lr": -0.1}, "max_lr"),
+        ({"conv_size": 0}, "conv_size"),
+        ({"retrieval": "segment"}, "retrieval must be one of token, chunk"),
+    ],
+)
+def test_memory_options_reject_bad_values_with_one_line(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        MemoryOptions(**options)
+    assert "\n" not in str(info.value)
+    # Every mixer checks its memory keywords there, and names itself in the error.
+    for name in ("titans_lmm", "titans_mag", "titans_mal", "titans_mac"):
+        with pytest.raises(ConfigError, match=rf"^titans_\w+: .*{message}") as info:
+            build_mixer(name, HIDDEN, 0, options)
+        assert "\n" not in str(info.value)
+
+
+def test_memory_options_resolve_head_dim_from_the_layer_width():
+    assert MemoryOptions().head_dim is None
+    assert MemoryOptions.resolve("titans_lmm", 24, {"num_heads": 3}).head_dim == 8
+    assert MemoryOptions.resolve("titans_lmm", 24, {"num_heads": 3, "head_dim": 5}).head_dim == 5
+    with pytest.raises(TypeError, match="titans_lmm: unknown option.* chunk_sise"):
+        MemoryOptions.resolve("titans_lmm", 24, {"chunk_sise": 4})
+    with pytest.raises(TypeError, match="chunk_sise"):
+        TitansLMM(HIDDEN, chunk_sise=4)  # a typo fails outside the registry too
+
+
+MEMORY_DEFAULTS = {
+    "num_heads": 2, "head_dim": None, "chunk_size": 16, "memory": "linear", "mlp_expansion": 4, "mlp_activation": "gelu",
+    "mlp_residual_norm": True, "max_lr": 0.1, "conv_size": 4, "use_momentum": True, "use_decay": True, "retrieval": "token",
+}  # fmt: skip
+OWN_DEFAULTS = {
+    "titans_lmm": {},
+    "titans_mag": {"window_size": 64, "num_persistent": 4, "rope_theta": 10000.0},
+    "titans_mal": {"window_size": 64, "num_persistent": 4, "rope_theta": 10000.0},
+    "titans_mac": {"segment_size": 32, "num_persistent": 4, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_DEFAULTS))
+def test_constructor_signature_lists_every_option_with_its_default_in_config_order(name):
+    # The registry checks config keys against this signature (a ``**`` parameter would let typos through).
+    params = inspect.signature(get_mixer_class(name).__init__).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    options = {n: p.default for n, p in params.items() if n not in ("self", "hidden_size", "layer_idx")}
+    assert options == {**MEMORY_DEFAULTS, **OWN_DEFAULTS[name]}
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml")
+    assert list(config.mixers[name]) == list(options)
 
 
 def test_language_model_generate_with_cache_equals_without():
