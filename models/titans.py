@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -42,7 +42,8 @@ from seqzoo.ops.neural_memory import RETRIEVALS
 # forgetting per token, so a fresh memory keeps most of what it stores over a few dozen tokens.
 _LR_BIAS, _MOMENTUM_BIAS, _DECAY_BIAS = 0.0, 0.0, -4.0
 
-State = dict[str, Any]
+MemoryState = LinearMemoryState | MLPMemoryState
+"""The op's memory state: weights and momenta, fp32 (fp64 for fp64 inputs), each ``[batch, heads, a, b]``."""
 
 
 def _check(layer: str, ok: bool, message: str) -> None:
@@ -127,23 +128,134 @@ def _memory_keywords(init: Callable[..., None]) -> Callable[..., None]:
     return init
 
 
-def _load(cache: LayerCache | None) -> State:
-    """The working state of one call: the cache's tensors (or nothing)."""
-    return {} if cache is None else dict(cache.tensors)
+# --- decode state ------------------------------------------------------------------------------------
+# The layers work on these typed states; only _load and _save know how they sit in a LayerCache.
 
 
-def _save(cache: LayerCache | None, state: State, seq: int) -> None:
-    """Write the working state back into ``cache`` (memory states packed into one fp32 tensor each)."""
+@dataclass
+class MemoryStreamState:
+    """What a memory branch carries from one call to the next (``None``: nothing seen yet).
+
+    The op counts chunks from the start of each call, so the branch keeps the memory as of the last
+    chunk boundary and the projected inputs of the tokens after it, and recomputes that partial chunk
+    from the boundary on the next call.
+
+    Attributes:
+        conv: tails of the q, k, v short convs, each ``[batch, conv_size − 1, heads·head_dim]``
+            (stays ``None`` without convs).
+        memory: memory weights and momenta at the last chunk boundary; ``None``: the learned init.
+        pending_qkv: ``[batch, p, heads, 3·head_dim]`` q, k, v of the ``p < chunk_size`` tokens since.
+        pending_gates: ``[batch, p, heads, n_gates]`` their gates (fp32).
+    """
+
+    conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    memory: MemoryState | None = None
+    pending_qkv: torch.Tensor | None = None
+    pending_gates: torch.Tensor | None = None
+
+
+@dataclass
+class KVState:
+    """Attention keys and values kept for the next call, each ``[batch, n, heads, head_dim]`` (after RoPE)."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+@dataclass
+class SegmentState:
+    """``titans_mac``'s state of the segment in progress.
+
+    Attributes:
+        memory: the memory as of the segment's start, which its tokens read; ``None``: the learned init.
+        conv: tail of the memory-query short conv, ``[batch, conv_size − 1, heads·head_dim]``.
+        memory_kv: keys and values of the segment's memory tokens so far (the tokens' own are
+            :attr:`TitansState.kv`).
+    """
+
+    memory: MemoryState | None = None
+    conv: torch.Tensor | None = None
+    memory_kv: KVState = field(default_factory=KVState)
+
+
+@dataclass
+class TitansState:
+    """The decode state of a Titans layer; each layer uses the parts it has.
+
+    Attributes:
+        stream: the memory branch's (every layer; MAL's is its LMM sub-layer's).
+        kv: the attention's keys and values: the window of MAG and MAL, the current segment's tokens of MAC.
+        segment: MAC's segment state.
+    """
+
+    stream: MemoryStreamState = field(default_factory=MemoryStreamState)
+    kv: KVState = field(default_factory=KVState)
+    segment: SegmentState = field(default_factory=SegmentState)
+
+
+_CONV_NAMES = ("conv_q", "conv_k", "conv_v")
+
+
+def _load(cache: LayerCache | None, branch: _MemoryBranch) -> TitansState:
+    """The state in ``cache`` (empty without a cache or before the first call); memory states take ``branch``'s shapes."""
+    if cache is None:
+        return TitansState()
+    get = cache.get
+    conv = tuple(get(name) for name in _CONV_NAMES)
+    return TitansState(
+        stream=MemoryStreamState(
+            conv=None if conv[0] is None else conv,
+            memory=_unpack(get("recurrent"), branch),
+            pending_qkv=get("pending_qkv"),
+            pending_gates=get("pending_gates"),
+        ),
+        kv=KVState(get("key"), get("value")),
+        segment=SegmentState(
+            memory=_unpack(get("recurrent_segment"), branch), conv=get("conv_hq"), memory_kv=KVState(get("mem_key"), get("mem_value"))
+        ),
+    )
+
+
+def _save(cache: LayerCache | None, state: TitansState, seq: int) -> None:
+    """Write ``state`` into ``cache`` after a call of ``seq`` tokens (the inverse of :func:`_load`).
+
+    Each tensor is stored under its own name; each memory state is packed into one ``[batch, heads, n]``
+    tensor. Parts a layer does not have (``None``) are not stored.
+    """
     if cache is None:
         return
-    for name, value in state.items():
-        cache.set(name, _pack(value) if isinstance(value, tuple) else value)
+    stream, segment = state.stream, state.segment
+    tensors = {
+        **dict(zip(_CONV_NAMES, stream.conv or ())),
+        "recurrent": _pack(stream.memory),
+        "pending_qkv": stream.pending_qkv,
+        "pending_gates": stream.pending_gates,
+        "key": state.kv.key,
+        "value": state.kv.value,
+        "recurrent_segment": _pack(segment.memory),
+        "conv_hq": segment.conv,
+        "mem_key": segment.memory_kv.key,
+        "mem_value": segment.memory_kv.value,
+    }
+    for name, value in tensors.items():
+        if value is not None:
+            cache.set(name, value)
     cache.seen_tokens += seq
 
 
-def _pack(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """A memory state (weights then momenta, each ``[batch, heads, a, b]``) as ``[batch, heads, n]``."""
-    return torch.cat([t.flatten(2) for t in state], dim=-1)
+def _pack(state: MemoryState | None) -> torch.Tensor | None:
+    """A memory state (weights then momenta, each ``[batch, heads, a, b]``) as one ``[batch, heads, n]`` tensor."""
+    return None if state is None else torch.cat([t.flatten(2) for t in state], dim=-1)
+
+
+def _unpack(packed: torch.Tensor | None, branch: _MemoryBranch) -> MemoryState | None:
+    """Inverse of :func:`_pack` for ``branch``'s memory: ``[batch, heads, n]`` to the op's state type."""
+    if packed is None:
+        return None
+    shapes = branch._shapes() * 2
+    parts = packed.split([a * b for a, b in shapes], dim=-1)
+    cls = LinearMemoryState if branch.memory == "linear" else MLPMemoryState
+    return cls(*(t.unflatten(-1, shape) for t, shape in zip(parts, shapes)))
 
 
 class _MemoryBranch(nn.Module):
@@ -151,11 +263,7 @@ class _MemoryBranch(nn.Module):
 
     ``features(x [batch, seq, in_dim])`` gives ``q, k, v [batch, seq, heads, head_dim]`` (SiLU, L2-normed
     q and k) and gates ``[batch, seq, heads, n_gates]``; ``run`` writes and reads the memory.
-
-    State names (``prefix`` + name): ``conv_q``/``conv_k``/``conv_v`` (conv tails ``[batch, conv_size-1,
-    heads·head_dim]``), ``recurrent`` (fp32 memory weights + momenta at the last chunk boundary, packed
-    ``[batch, heads, n]``), ``pending_qkv`` ``[batch, p, heads, 3·head_dim]`` and ``pending_gates``
-    ``[batch, p, heads, n_gates]`` for the ``p < chunk_size`` tokens after that boundary.
+    Both advance a :class:`MemoryStreamState`; ``forward(x, stream)`` does the two.
     """
 
     def __init__(self, in_dim: int, options: MemoryOptions) -> None:
@@ -163,11 +271,8 @@ class _MemoryBranch(nn.Module):
         super().__init__()
         self.options = options
         # Flat copies of the options that the compute reads (and that eval's benchmark reads: max_lr).
-        num_heads, head_dim, conv_size = self.num_heads, self.head_dim, self.conv_size = (
-            options.num_heads,
-            options.head_dim,
-            options.conv_size,
-        )
+        num_heads, head_dim, conv_size = options.num_heads, options.head_dim, options.conv_size
+        self.num_heads, self.head_dim, self.conv_size = num_heads, head_dim, conv_size
         self.chunk_size, self.memory, self.retrieval = options.chunk_size, options.memory, options.retrieval
         self.max_lr, self.use_momentum, self.use_decay = options.max_lr, options.use_momentum, options.use_decay
         self.mlp_activation = options.mlp_activation
@@ -207,29 +312,19 @@ class _MemoryBranch(nn.Module):
 
     # --- state -------------------------------------------------------------------------------------
     def _shapes(self) -> list[tuple[int, int]]:
+        """Per-head shapes of the memory's weight matrices (the momenta have the same)."""
         return [tuple(p.shape[1:]) for p in self.init_weights]
 
-    def initial_state(self, batch: int, dtype: torch.dtype) -> LinearMemoryState | MLPMemoryState:
+    def initial_state(self, batch: int, dtype: torch.dtype) -> MemoryState:
         """The learned init expanded to ``batch`` sequences, with zero momenta, in ``dtype``."""
         weights = [p.to(dtype).expand(batch, -1, -1, -1) for p in self.init_weights]
         momenta = [torch.zeros_like(w) for w in weights]
         cls = LinearMemoryState if self.memory == "linear" else MLPMemoryState
         return cls(*weights, *momenta)
 
-    def unpack(self, packed: torch.Tensor) -> LinearMemoryState | MLPMemoryState:
-        """Inverse of the packing in the cache: ``[batch, heads, n]`` to the op's state type."""
-        sizes = [a * b for a, b in self._shapes()] * 2
-        parts = packed.split(sizes, dim=-1)
-        shapes = self._shapes() * 2
-        tensors = [t.unflatten(-1, s) for t, s in zip(parts, shapes)]
-        return (LinearMemoryState if self.memory == "linear" else MLPMemoryState)(*tensors)
-
-    def get_state(self, state: State, name: str, batch: int, dtype: torch.dtype):
-        """Memory state ``name`` from the working state (unpacked), or the learned init."""
-        value = state.get(name)
-        if value is None:
-            return self.initial_state(batch, dtype)
-        return self.unpack(value) if isinstance(value, torch.Tensor) else value
+    def state_or_init(self, state: MemoryState | None, batch: int, dtype: torch.dtype) -> MemoryState:
+        """``state``, or the learned init (:meth:`initial_state`) before the first chunk boundary."""
+        return self.initial_state(batch, dtype) if state is None else state
 
     def state_numel(self) -> int:
         """Floats per (sequence, head) in one memory state (weights + momenta)."""
@@ -247,20 +342,24 @@ class _MemoryBranch(nn.Module):
         return total
 
     # --- compute -----------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor, state: State, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """Write ``x [batch, seq, in_dim]`` into the memory and read it: ``[batch, seq, heads, head_dim]``; advances ``stream``."""
+        return self.run(*self.features(x, stream), stream)
+
+    def features(self, x: torch.Tensor, stream: MemoryStreamState) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, in_dim]`` → ``(qkv [batch, seq, heads, 3·head_dim], gates [batch, seq, heads, n_gates])``.
 
-        Advances the conv tails in ``state``. Under autograd the projections, convs and norms are
+        Advances the conv tails in ``stream``. Under autograd the projections, convs and norms are
         recomputed in backward, so only ``x`` is kept for them (about five activation-sized tensors
         less per layer, for about 10-15% more fwd+bwd time on CPU).
         """
-        names = [prefix + n for n in ("conv_q", "conv_k", "conv_v")] if self.conv_size is not None else []
-        tails = [state.get(n) for n in names]
+        tails = () if self.conv_size is None else stream.conv or (None, None, None)
         if torch.is_grad_enabled():
             qkv, gates, *new_tails = checkpoint(self._features, x, *tails, use_reentrant=False)
         else:
             qkv, gates, *new_tails = self._features(x, *tails)
-        state.update(zip(names, new_tails))
+        if new_tails:
+            stream.conv = tuple(new_tails)
         return qkv, gates
 
     def _features(self, x: torch.Tensor, *tails: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -305,19 +404,19 @@ class _MemoryBranch(nn.Module):
         gates = q.new_zeros(*q.shape[:3], self.n_gates)
         return self._op(qkv, gates, memory_state, final=False, read_only=True)[0]
 
-    def run(self, qkv: torch.Tensor, gates: torch.Tensor, state: State, prefix: str = "") -> torch.Tensor:
-        """Write and read the memory for new tokens; returns ``[batch, seq, heads, head_dim]``.
+    def run(self, qkv: torch.Tensor, gates: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """Write and read the memory for new tokens (:meth:`features`); returns ``[batch, seq, heads, head_dim]``.
 
-        Continues from ``state`` (chunk-boundary memory + pending tokens) and updates it.
+        Continues from ``stream`` (chunk-boundary memory + pending tokens) and updates it.
         """
         batch, seq = qkv.shape[:2]
-        pending_qkv, pending_gates = state.get(prefix + "pending_qkv"), state.get(prefix + "pending_gates")
+        pending_qkv, pending_gates = stream.pending_qkv, stream.pending_gates
         past = 0 if pending_qkv is None else pending_qkv.shape[1]
         if past:
             qkv = torch.cat([pending_qkv.to(qkv.dtype), qkv], dim=1)
             gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
         dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        memory_state = self.get_state(state, prefix + "recurrent", batch, dtype)
+        memory_state = self.state_or_init(stream.memory, batch, dtype)
         total = past + seq
         full = total - total % self.chunk_size
         outs = []
@@ -326,9 +425,7 @@ class _MemoryBranch(nn.Module):
             outs.append(o)
         if total > full:
             outs.append(self._op(qkv[:, full:], gates[:, full:], memory_state, final=False)[0])
-        state[prefix + "recurrent"] = memory_state
-        state[prefix + "pending_qkv"] = qkv[:, full:]
-        state[prefix + "pending_gates"] = gates[:, full:]
+        stream.memory, stream.pending_qkv, stream.pending_gates = memory_state, qkv[:, full:], gates[:, full:]
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return o[:, past:]
 
@@ -407,8 +504,8 @@ class TitansLMM(TokenMixer):
         check_hidden("titans_lmm", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
-        o = self.memory.run(*self.memory.features(x, state), state)
+        state = _load(cache, self.memory)
+        o = self.memory(x, state.stream)
         gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         o = self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
         _save(cache, state, x.shape[1])
@@ -484,10 +581,11 @@ class TitansMAG(TokenMixer):
         check_hidden("titans_mag", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
+        state = _load(cache, self.memory)
         offset = 0 if cache is None else cache.seen_tokens
-        y, state["key"], state["value"] = self.attn.attend(x, state.get("key"), state.get("value"), offset)
-        m = self.memory.run(*self.memory.features(x, state), state)
+        y, *kv = self.attn.attend(x, state.kv.key, state.kv.value, offset)
+        state.kv = KVState(*kv)
+        m = self.memory(x, state.stream)
         o = self.combine(y, rearrange(m, "b t h d -> b t (h d)").to(y.dtype))
         _save(cache, state, x.shape[1])
         return o
@@ -548,13 +646,14 @@ class TitansMAL(TokenMixer):
         check_hidden("titans_mal", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
+        state = _load(cache, self.lmm.memory)
         lmm = self.lmm
-        o = lmm.memory.run(*lmm.memory.features(x, state), state)
+        o = lmm.memory(x, state.stream)
         gate = rearrange(lmm.g_proj(x), "b t (h d) -> b t h d", d=lmm.head_dim)
         m = lmm.o_proj(rearrange(lmm.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
         offset = 0 if cache is None else cache.seen_tokens
-        y, state["key"], state["value"] = self.attn.attend(self.attn_norm(x + m), state.get("key"), state.get("value"), offset)
+        y, *kv = self.attn.attend(self.attn_norm(x + m), state.kv.key, state.kv.value, offset)
+        state.kv = KVState(*kv)
         _save(cache, state, x.shape[1])
         return m + self.attn.o_proj(y)
 
@@ -636,7 +735,8 @@ class TitansMAC(TokenMixer):
         check_hidden("titans_mac", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
+        state = _load(cache, self.memory)
+        segment = state.segment
         offset = 0 if cache is None else cache.seen_tokens
         batch, seq, _ = x.shape
         split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
@@ -648,7 +748,7 @@ class TitansMAC(TokenMixer):
         if self.h_conv is None:
             hq = F.silu(hq)
         else:
-            hq, state["conv_hq"] = self.h_conv(hq, state.get("conv_hq"), output_state=True)
+            hq, segment.conv = self.h_conv(hq, segment.conv, output_state=True)
         hq = l2norm(split(hq))
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         outs, start = [], 0
@@ -657,16 +757,16 @@ class TitansMAC(TokenMixer):
             n = min(seq - start, self.segment_size - pos % self.segment_size)
             piece = slice(start, start + n)
             # 1. read the memory as of the segment start with each token's own query.
-            segment_memory = state["recurrent_segment"] = self.memory.get_state(state, "recurrent_segment", batch, dtype)
-            h = rearrange(self.memory.read(hq[:, piece], segment_memory), "b t h d -> b t (h d)").to(x.dtype)
+            segment.memory = self.memory.state_or_init(segment.memory, batch, dtype)
+            h = rearrange(self.memory.read(hq[:, piece], segment.memory), "b t h d -> b t (h d)").to(x.dtype)
             hk, hv = (split(t) for t in self.h_kv(h).chunk(2, dim=-1))
             if self.rotary is not None:
                 hk = self.rotary(hk, pos)
             # 2. causal attention over persistent ‖ memory tokens ‖ tokens of this segment.
-            past = 0 if state.get("key") is None else state["key"].shape[1]
+            past = 0 if state.kv.key is None else state.kv.key.shape[1]
             if past:
-                hk, hv = torch.cat([state["mem_key"], hk], 1), torch.cat([state["mem_value"], hv], 1)
-                kk, vv = torch.cat([state["key"], k[:, piece]], 1), torch.cat([state["value"], v[:, piece]], 1)
+                hk, hv = torch.cat([segment.memory_kv.key, hk], 1), torch.cat([segment.memory_kv.value, hv], 1)
+                kk, vv = torch.cat([state.kv.key, k[:, piece]], 1), torch.cat([state.kv.value, v[:, piece]], 1)
             else:
                 kk, vv = k[:, piece], v[:, piece]
             # Memory token j sits at token j's position: both halves of the context share one causal mask.
@@ -674,13 +774,13 @@ class TitansMAC(TokenMixer):
             context_k, context_v = torch.cat([hk, kk], 1), torch.cat([hv, vv], 1)
             a = persistent_attention(q[:, piece], context_k, context_v, torch.cat([causal, causal], 1), self.persistent)
             # 3. write the attention outputs into the memory; read each after its own update.
-            m = self.memory.run(*self.memory.features(a, state), state)
+            m = self.memory(a, state.stream)
             outs.append(self.combine(a, rearrange(m, "b t h d -> b t (h d)").to(a.dtype)))
             if (pos + n) % self.segment_size == 0:
                 # The segment is complete: its end is a chunk boundary, the next segment reads this memory.
-                state["recurrent_segment"] = state["recurrent"]
+                segment.memory = state.stream.memory
                 hk, hv, kk, vv = (t[:, :0] for t in (hk, hv, kk, vv))
-            state["mem_key"], state["mem_value"], state["key"], state["value"] = hk, hv, kk, vv
+            segment.memory_kv, state.kv = KVState(hk, hv), KVState(kk, vv)
             start += n
         _save(cache, state, seq)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

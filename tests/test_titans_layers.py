@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 
 import seqzoo.training as training
 from seqzoo.models import ConfigError, LanguageModel, build_mixer, get_mixer_class
+from seqzoo.models import titans as titans_module
+from seqzoo.models.cache import LayerCache
 from seqzoo.models.titans import MemoryOptions, TitansLMM, TitansMAC
-from seqzoo.ops import LinearMemoryState, neural_memory
+from seqzoo.ops import LinearMemoryState, MLPMemoryState, neural_memory
 from tests.helpers import assert_rel_close
 from tests.test_training import TINY
 
@@ -165,6 +167,27 @@ def test_state_size_counts_pending_tokens_and_max():
     assert cache.get("recurrent").dtype == torch.float32
     with pytest.raises(ValueError, match="seq_len"):
         build_mixer("titans_mag", HIDDEN, 0, {"window_size": None}).state_size()
+
+
+@pytest.mark.parametrize("case", ["lmm_plain", "mag", "mal_mlp", "mac_linear", "mac_mlp"])
+def test_typed_state_round_trips_through_the_cache(case):
+    # The layers work on a TitansState; _load/_save are the only code that maps it to cache tensors.
+    layer = make(case)
+    cache = layer.init_cache(2)
+    layer(torch.randn(2, 7, HIDDEN), cache=cache)  # mid-chunk and mid-segment for every case
+    branch = layer.lmm.memory if case.startswith("mal") else layer.memory
+    state = titans_module._load(cache, branch)
+    memory_type = MLPMemoryState if "mlp" in case else LinearMemoryState
+    assert isinstance(state.stream.memory, memory_type) and state.stream.pending_qkv.shape[1] == 7 % branch.chunk_size
+    assert (state.stream.conv is None) == (case == "lmm_plain")
+    assert (state.kv.key is None) == case.startswith("lmm")
+    assert isinstance(state.segment.memory, memory_type) if case.startswith("mac") else state.segment.memory is None
+    copy = LayerCache(2)
+    titans_module._save(copy, state, 7)
+    assert copy.seen_tokens == 7 and sorted(copy.tensors) == sorted(cache.tensors)
+    for name, tensor in cache.tensors.items():
+        assert torch.equal(copy.get(name), tensor), name
+    assert titans_module._load(None, branch) == titans_module.TitansState()
 
 
 @pytest.mark.parametrize(
