@@ -505,11 +505,18 @@ class TitansLMM(TokenMixer):
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache, self.memory)
-        o = self.memory(x, state.stream)
-        gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        o = self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
+        o = self.forward_state(x, state.stream)
         _save(cache, state, x.shape[1])
         return o
+
+    def forward_state(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """The layer on its typed state: ``x [batch, seq, hidden] -> [batch, seq, hidden]``, advancing ``stream``.
+
+        :meth:`forward` without the cache; ``titans_mal`` runs its memory sub-layer through this.
+        """
+        o = self.memory(x, stream)
+        gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        return self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
         """Bytes of the cache after ``seq_len`` tokens (``None``: the most it ever holds, ``chunk_size − 1`` pending)."""
@@ -647,10 +654,7 @@ class TitansMAL(TokenMixer):
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache, self.lmm.memory)
-        lmm = self.lmm
-        o = lmm.memory(x, state.stream)
-        gate = rearrange(lmm.g_proj(x), "b t (h d) -> b t h d", d=lmm.head_dim)
-        m = lmm.o_proj(rearrange(lmm.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
+        m = self.lmm.forward_state(x, state.stream)
         offset = 0 if cache is None else cache.seen_tokens
         y, *kv = self.attn.attend(self.attn_norm(x + m), state.kv.key, state.kv.value, offset)
         state.kv = KVState(*kv)

@@ -141,6 +141,25 @@ def test_gradients_reach_every_parameter_and_are_finite(case):
         assert p.grad.abs().sum() > 0, f"{case}: zero gradient for {name}"
 
 
+def test_mal_is_its_lmm_sub_layer_then_attention_on_the_sum():
+    # o = m + W_o SWA*(RMSNorm(x + m)) with m = titans_lmm(x): the sub-layers run as mixers of their own, with
+    # their own caches, give the same numbers, and MAL's cache holds exactly theirs.
+    layer = make("mal_mlp")
+    torch.manual_seed(6)
+    x = torch.randn(2, 11, HIDDEN)
+    m = layer.lmm(x)
+    assert torch.equal(layer(x), m + layer.attn(layer.attn_norm(x + m)))
+    cache, lmm_cache, attn_cache = layer.init_cache(2), layer.lmm.init_cache(2), layer.attn.init_cache(2)
+    for a, b in ((0, 6), (6, 7), (7, 11)):
+        m = layer.lmm(x[:, a:b], cache=lmm_cache)
+        expected = m + layer.attn(layer.attn_norm(x[:, a:b] + m), cache=attn_cache)
+        assert torch.equal(layer(x[:, a:b], cache=cache), expected)
+    parts = {**lmm_cache.tensors, **attn_cache.tensors}
+    assert sorted(cache.tensors) == sorted(parts) and len(parts) == len(lmm_cache.tensors) + len(attn_cache.tensors)
+    for name, tensor in parts.items():
+        assert torch.equal(cache.get(name), tensor), name
+
+
 def test_learned_initial_memory_is_used_and_not_zero():
     layer = make("lmm_mlp")
     w1, w2 = layer.memory.init_weights
