@@ -1,14 +1,21 @@
 """Titans (Behrouz, Zhong, Mirrokni 2024): the neural long-term memory layer and the MAC/MAG/MAL hybrids.
 
-* ``titans_lmm``: the memory alone as a token mixer (spec titans.md §2.1, §2.4 "LMM").
-* ``titans_mag``: sliding-window attention with persistent K/V, gated by the memory branch (§2.4, §9.8).
-* ``titans_mal``: the memory layer, then sliding-window attention with persistent K/V on its output (§2.4).
-* ``titans_mac``: causal memory-as-context (§9.7): per segment, the memory as of the previous segment
+* ``titans_lmm``: the memory alone as an attention-free token mixer.
+* ``titans_mag``: sliding-window attention with persistent K/V, gated by the memory branch.
+* ``titans_mal``: the memory layer, then sliding-window attention with persistent K/V on its output.
+* ``titans_mac``: memory as context, read causally: per segment, the memory as of the previous segment
   is read with the segment's tokens and its readings join the attention context causally; the
   attention output is then written into the memory token by token and gates the output.
 
+Where the paper leaves a choice open (gate parametrisation, the MAG gate, persistent memory) or is not
+causal as written (MAC), the docstrings say what these layers do and why; ``docs/titans.md`` has the
+longer account.
+
 The attention is :mod:`seqzoo.models.attention`'s (the ``Attention`` mixer with ``num_persistent`` for MAG
-and MAL, its ``causal_mask`` and ``persistent_attention`` for MAC's segment context).
+and MAL, its ``causal_mask`` and ``persistent_attention`` for MAC's segment context). The paper's
+persistent memory (learned tokens prepended to the input) is read as learned keys and values of each
+attention, seen by every query and never windowed out: causal, nothing to cache, and it never passes
+through the neural memory.
 The memory itself is :func:`seqzoo.ops.neural_memory`; layers only project, convolve and gate around it.
 Its chunks count from the start of each call, so a streaming layer keeps the memory state of the last
 chunk boundary plus the projected inputs of the tokens after it (fewer than ``chunk_size``) and
@@ -456,7 +463,8 @@ _MEMORY_DOC = """
         memory: ``"linear"`` (``M(x) = xW``) or ``"mlp"`` (2-layer MLP ``σ(x W1) W2``). Default: ``"linear"``.
         mlp_expansion: hidden width of the MLP memory in units of ``head_dim``. Default: 4.
         mlp_activation: the MLP memory's hidden activation (``gelu``, ``silu``, ``relu``, ``tanh``).
-        mlp_residual_norm: MLP memory ``x + LN(MLP(x))`` (TTT/§9.5) with learned per-head LN gain/bias. Default: True.
+        mlp_residual_norm: MLP memory ``x + LN(MLP(x))`` with learned per-head LN gain/bias, the inner model
+            that TTT, Miras and ATLAS share. Default: True.
         max_lr: the inner learning rate is ``θ = max_lr · sigmoid(Linear(x))`` per head. Default: 0.1. Every
             token of a chunk takes its gradient at the chunk-start weights, so similar keys add up to a
             step of about ``chunk_size · θ``; at 1.0 with chunk 16 a MAC model diverged in training and an
@@ -466,13 +474,13 @@ _MEMORY_DOC = """
         use_decay: learn a forget gate α (else α = 0). Default: True.
         retrieval: ``"token"`` reads every token with its own updated weights (the paper, the default);
             ``"chunk"`` reads with the weights of the last completed chunk (a chunk's last token sees its
-            own chunk), titans-pytorch's cheaper retrieval (spec §9.1)."""
+            own chunk), titans-pytorch's cheaper retrieval."""
 
 
 @register_mixer("titans_lmm")
 class TitansLMM(TokenMixer):
     (
-        """Titans' neural long-term memory as an attention-free token mixer (spec §2.1, §2.4).
+        """Titans' neural long-term memory as an attention-free token mixer.
 
     ``q, k, v = L2(SiLU(conv(x W)))`` (no L2 on v), per-head gates ``θ, η, α = sigmoid(Linear(x))``, the
     memory op (retrieve after update, inclusive), then ``W_o(RMSNorm(o) ⊙ sigmoid(x W_g))`` per head.
@@ -524,7 +532,14 @@ class TitansLMM(TokenMixer):
 
 
 class _GatedCombine(nn.Module):
-    """``W_o(RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m)))`` (spec §9.8): the MAG gate, also MAC's output gate."""
+    """``W_o(RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m)))``: the MAG gate, also MAC's output gate.
+
+    The paper leaves the gate open and, for its experiments, normalises both branches with learnable
+    vector-valued weights before a non-linearity: here the RMSNorm gains are those weights, normalising
+    both branches keeps the gate independent of their scales, and the sigmoid on the memory side scales
+    each channel of ``y`` by a factor in ``(0, 1)``. ``W_o`` replaces the attention's output projection.
+    ``y, m: [batch, seq, width]`` → ``[batch, seq, hidden]``.
+    """
 
     def __init__(self, width: int, hidden_size: int) -> None:
         super().__init__()
@@ -538,7 +553,7 @@ class _GatedCombine(nn.Module):
 @register_mixer("titans_mag")
 class TitansMAG(TokenMixer):
     (
-        """Titans MAG, memory as a gate (spec §2.4, §9.8): ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))``.
+        """Titans MAG, memory as a gate: ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))`` (the gate: :class:`_GatedCombine`).
 
     ``SWA*`` is sliding-window causal attention over the layer input with learned persistent K/V per
     head (``num_persistent`` slots visible to every query): the ``attention`` mixer (``attn``) without
@@ -605,13 +620,14 @@ class TitansMAG(TokenMixer):
 @register_mixer("titans_mal")
 class TitansMAL(TokenMixer):
     (
-        """Titans MAL, memory as a layer (spec §2.4, Eqs 29–31): the memory layer, then SWA* on its output.
+        """Titans MAL, memory as a layer (the paper's Eqs 29–31): the memory layer, then SWA* on its output.
 
     ``m = W_m(RMSNorm(M(x)) ⊙ σ(x W_g))`` is a full ``titans_lmm`` sub-layer; ``h = x + m`` (residual);
     ``o = m + W_o SWA*(RMSNorm(h))``, so the surrounding block computes ``x + m + SWA*(Norm(x + m))``:
     the two residual sub-layers of the H3-style stack with the memory's output feeding the attention.
     ``SWA*`` is sliding-window attention with learned persistent K/V (``num_persistent`` per head): the
-    ``attention`` mixer (``attn``, its ``o_proj`` is ``W_o``).
+    ``attention`` mixer (``attn``, its ``o_proj`` is ``W_o``). Both run as they would on their own
+    (:meth:`TitansLMM.forward_state`, :meth:`Attention.attend`); this layer only wires them.
 
     Args:
         hidden_size: model width.
@@ -669,7 +685,13 @@ class TitansMAL(TokenMixer):
 @register_mixer("titans_mac")
 class TitansMAC(TokenMixer):
     (
-        """Titans MAC, memory as context, in the causal interpretation of spec §9.7 (not titans-pytorch's MAC).
+        """Titans MAC, memory as context, read causally (a different model from titans-pytorch's MAC).
+
+    The paper's MAC, taken literally, leaks later tokens into earlier ones in two places: (a) each
+    segment token's memory reading ``h_j`` comes from its own query, and the paper lets every query of
+    the segment attend to all of them, so token ``i`` would see ``h_j`` of a later token ``j``; (b) the
+    output gate reads the memory after it has been written with the whole segment. This layer keeps the
+    paper's structure and closes both (``docs/titans.md`` has the longer account).
 
     The sequence is cut into segments of ``segment_size`` tokens (counted from the first token). For a
     token ``i`` of segment ``n``:
@@ -677,14 +699,15 @@ class TitansMAC(TokenMixer):
     1. ``h_i = M_{n−1}(q̃_i)``, ``q̃_i = L2(SiLU(conv(x_i W_h)))``: the memory as of the end of segment
        ``n−1`` (the learned init for ``n = 0``), read with token ``i``'s own query — never a later one.
     2. ``a_i = Attn(q_i; persistent K/V ‖ K/V(h_j) ‖ K/V(x_j) for j ≤ i in segment n)``: causal
-       attention inside the segment; a memory token ``h_j`` is visible only from position ``j`` on, so no
-       token sees information from a later token (hazard (a) of §2.4).
+       attention inside the segment; a memory token ``h_j`` sits at token ``j``'s position and is visible
+       only from there on, so no token sees a later one through it (closes (a)).
     3. The attention outputs are written into the memory token by token (same branch as ``titans_lmm``,
-       on ``a`` instead of ``x``), and ``m_i = M_i(a_i)`` is read after token ``i``'s update (hazard (b):
-       per-token causal weights, never the end-of-segment memory).
-    4. ``o_i = W_o(RMSNorm(a_i) ⊙ sigmoid(RMSNorm(m_i)))``.
+       on ``a`` instead of ``x``), and ``m_i = M_i(a_i)`` is read right after token ``i``'s own update,
+       never with the end-of-segment memory (closes (b)).
+    4. ``o_i = W_o(RMSNorm(a_i) ⊙ sigmoid(RMSNorm(m_i)))``, MAG's gate (:class:`_GatedCombine`).
 
-    ``segment_size`` must be a multiple of ``chunk_size`` so that segment ends are chunk boundaries.
+    ``segment_size`` must be a multiple of ``chunk_size``: the next segment reads the memory as of the
+    segment's end, and the memory state exists only at chunk boundaries.
 
     Args:
         hidden_size: model width.

@@ -3,6 +3,7 @@ mid-segment), token-by-token decode == parallel, causality (inside a chunk and i
 gradients, cache size, option errors, configs train through ``seqzoo.training.run``."""
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,9 @@ def test_causal_at_every_position_also_inside_a_chunk(case):
 
 
 def test_mac_segment_tokens_do_not_leak_into_earlier_ones():
-    # MAC hazards (a)/(b) of spec §2.4: the memory tokens of a segment and the segment-end memory must not
-    # reach earlier tokens of the same segment. One segment of 8 tokens; perturb only the last one.
+    # The two leaks of MAC as the paper writes it (docs/titans.md): the memory tokens of a segment (a) and the
+    # segment-end memory (b) must not reach earlier tokens of the same segment. One segment of 8 tokens;
+    # perturb only the last one.
     layer = make("mac_mlp")
     torch.manual_seed(3)
     x = torch.randn(2, 8, HIDDEN)
@@ -364,3 +366,12 @@ def test_lmm_keeps_few_activations_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         layer(x)
     assert sum(storages.values()) / x.shape[1] < 3500
+
+
+def test_titans_module_cites_only_files_in_the_repository():
+    # The reasons behind the layers' choices are written into the docstrings or docs/, not left in notes elsewhere.
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "models" / "titans.py").read_text()
+    assert "§" not in text and "specs/" not in text
+    cited = re.findall(r"docs/[\w./-]+\.md", text)
+    assert cited and all((root / name).is_file() for name in cited), cited
