@@ -385,7 +385,9 @@ class _MemoryBranch(nn.Module):
         gates = rearrange(gates, "b t (h g) -> b t h g", g=self.n_gates)
         return (qkv, gates, *new_tails)
 
-    def _op(self, qkv: torch.Tensor, gates: torch.Tensor, initial_state, final: bool, read_only: bool = False):
+    def _op(
+        self, qkv: torch.Tensor, gates: torch.Tensor, initial_state: MemoryState, final: bool, read_only: bool = False
+    ) -> tuple[torch.Tensor, MemoryState | None]:
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if read_only:
             # θ = 0 and no momentum: the memory is frozen, so the op returns M(q; W) of ``initial_state``.
@@ -405,7 +407,7 @@ class _MemoryBranch(nn.Module):
             output_final_state=final, retrieval=self.retrieval, **kwargs,
         )  # fmt: skip
 
-    def read(self, q: torch.Tensor, memory_state) -> torch.Tensor:
+    def read(self, q: torch.Tensor, memory_state: MemoryState) -> torch.Tensor:
         """``M(q; W)`` with the fixed weights of ``memory_state``: ``q [batch, seq, heads, head_dim]`` → same shape."""
         qkv = torch.cat([q, q, torch.zeros_like(q)], dim=-1)
         gates = q.new_zeros(*q.shape[:3], self.n_gates)
