@@ -1,14 +1,21 @@
 """Titans (Behrouz, Zhong, Mirrokni 2024): the neural long-term memory layer and the MAC/MAG/MAL hybrids.
 
-* ``titans_lmm``: the memory alone as a token mixer (spec titans.md §2.1, §2.4 "LMM").
-* ``titans_mag``: sliding-window attention with persistent K/V, gated by the memory branch (§2.4, §9.8).
-* ``titans_mal``: the memory layer, then sliding-window attention with persistent K/V on its output (§2.4).
-* ``titans_mac``: causal memory-as-context (§9.7): per segment, the memory as of the previous segment
+* ``titans_lmm``: the memory alone as an attention-free token mixer.
+* ``titans_mag``: sliding-window attention with persistent K/V, gated by the memory branch.
+* ``titans_mal``: the memory layer, then sliding-window attention with persistent K/V on its output.
+* ``titans_mac``: memory as context, read causally: per segment, the memory as of the previous segment
   is read with the segment's tokens and its readings join the attention context causally; the
   attention output is then written into the memory token by token and gates the output.
 
+Where the paper leaves a choice open (gate parametrisation, the MAG gate, persistent memory) or is not
+causal as written (MAC), the docstrings say what these layers do and why; ``docs/titans.md`` has the
+longer account.
+
 The attention is :mod:`seqzoo.models.attention`'s (the ``Attention`` mixer with ``num_persistent`` for MAG
-and MAL, its ``causal_mask`` and ``persistent_attention`` for MAC's segment context).
+and MAL, its ``causal_mask`` and ``persistent_attention`` for MAC's segment context). The paper's
+persistent memory (learned tokens prepended to the input) is read as learned keys and values of each
+attention, seen by every query and never windowed out: causal, nothing to cache, and it never passes
+through the neural memory.
 The memory itself is :func:`seqzoo.ops.neural_memory`; layers only project, convolve and gate around it.
 Its chunks count from the start of each call, so a streaming layer keeps the memory state of the last
 chunk boundary plus the projected inputs of the tokens after it (fewer than ``chunk_size``) and
@@ -18,6 +25,9 @@ because every gradient inside a chunk is taken at the chunk-start weights.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -39,7 +49,8 @@ from seqzoo.ops.neural_memory import RETRIEVALS
 # forgetting per token, so a fresh memory keeps most of what it stores over a few dozen tokens.
 _LR_BIAS, _MOMENTUM_BIAS, _DECAY_BIAS = 0.0, 0.0, -4.0
 
-State = dict[str, Any]
+MemoryState = LinearMemoryState | MLPMemoryState
+"""The op's memory state: weights and momenta, fp32 (fp64 for fp64 inputs), each ``[batch, heads, a, b]``."""
 
 
 def _check(layer: str, ok: bool, message: str) -> None:
@@ -47,23 +58,211 @@ def _check(layer: str, ok: bool, message: str) -> None:
         raise ConfigError(f"{layer}: {message}")
 
 
-def _load(cache: LayerCache | None) -> State:
-    """The working state of one call: the cache's tensors (or nothing)."""
-    return {} if cache is None else dict(cache.tensors)
+def _check_option(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
-def _save(cache: LayerCache | None, state: State, seq: int) -> None:
-    """Write the working state back into ``cache`` (memory states packed into one fp32 tensor each)."""
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The options of a Titans memory branch (the same keywords in every Titans mixer), checked on construction.
+
+    Each field is documented in the mixers' ``Args``. ``head_dim=None`` means ``hidden_size // num_heads``
+    of the layer: :meth:`resolve` fills it in, and a branch is only built from resolved options.
+    A bad value raises a one-line :class:`ConfigError`.
+    """
+
+    num_heads: int = 2
+    head_dim: int | None = None
+    chunk_size: int = 16
+    memory: str = "linear"
+    mlp_expansion: int = 4
+    mlp_activation: str = "gelu"
+    mlp_residual_norm: bool = True
+    max_lr: float = 0.1
+    conv_size: int | None = 4
+    use_momentum: bool = True
+    use_decay: bool = True
+    retrieval: str = "token"
+
+    def __post_init__(self) -> None:
+        heads, dim = self.num_heads, self.head_dim
+        _check_option(heads >= 1 and (dim is None or dim >= 1), f"num_heads and head_dim must be >= 1, got {heads}, {dim}")
+        chunk = self.chunk_size
+        _check_option(isinstance(chunk, int) and chunk >= 1, f"chunk_size must be an int >= 1, got {chunk!r}")
+        _check_option(self.memory in ("linear", "mlp"), f"memory must be 'linear' or 'mlp', got {self.memory!r}")
+        _check_option(self.mlp_expansion >= 1, f"mlp_expansion must be >= 1, got {self.mlp_expansion}")
+        _check_option(self.mlp_activation in ("gelu", "silu", "relu", "tanh"), f"unknown mlp_activation {self.mlp_activation!r}")
+        _check_option(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr}")
+        _check_option(self.conv_size is None or self.conv_size >= 1, f"conv_size must be >= 1 or null, got {self.conv_size}")
+        _check_option(self.retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {self.retrieval!r}")
+
+    @classmethod
+    def resolve(cls, layer: str, hidden_size: int, options: Mapping[str, Any]) -> MemoryOptions:
+        """The memory keywords ``options`` of mixer ``layer`` as checked options, ``head_dim`` filled in.
+
+        Errors name ``layer``: an unknown keyword raises ``TypeError`` (as any Python call would), a bad
+        value :class:`ConfigError`.
+        """
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{layer}: unknown option(s) {', '.join(unknown)}")
+        options = dict(options)
+        if options.get("head_dim") is None:
+            options["head_dim"] = hidden_size // max(options.get("num_heads", cls.num_heads), 1)
+        try:
+            return cls(**options)
+        except ConfigError as error:
+            raise ConfigError(f"{layer}: {error}") from None
+
+
+def _memory_keywords(init: Callable[..., None]) -> Callable[..., None]:
+    """Give a mixer's ``__init__(self, hidden_size, layer_idx=0, *, own options, **memory)`` the signature it accepts.
+
+    The Titans mixers take the memory options as ``**memory`` so that their names and defaults live only in
+    :class:`MemoryOptions`, which rejects any other name. :func:`~seqzoo.models.registry.build_mixer` reads
+    the constructor's signature to reject unknown config keys (it accepts anything from a ``**`` parameter),
+    so the signature shown lists every :class:`MemoryOptions` field as a keyword-only parameter with its
+    default, after ``layer_idx`` and before the mixer's own options: the order of the config files.
+    """
+    signature = inspect.signature(init)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    own = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    memory = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(MemoryOptions)
+    ]
+    init.__signature__ = signature.replace(parameters=[p for p in params if p not in own] + memory + own)
+    return init
+
+
+# --- decode state ------------------------------------------------------------------------------------
+# The layers work on these typed states; only _load and _save know how they sit in a LayerCache.
+
+
+@dataclass
+class MemoryStreamState:
+    """What a memory branch carries from one call to the next (``None``: nothing seen yet).
+
+    The op counts chunks from the start of each call, so the branch keeps the memory as of the last
+    chunk boundary and the projected inputs of the tokens after it, and recomputes that partial chunk
+    from the boundary on the next call.
+
+    Attributes:
+        conv: tails of the q, k, v short convs, each ``[batch, conv_size − 1, heads·head_dim]``
+            (stays ``None`` without convs).
+        memory: memory weights and momenta at the last chunk boundary; ``None``: the learned init.
+        pending_qkv: ``[batch, p, heads, 3·head_dim]`` q, k, v of the ``p < chunk_size`` tokens since.
+        pending_gates: ``[batch, p, heads, n_gates]`` their gates (fp32).
+    """
+
+    conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    memory: MemoryState | None = None
+    pending_qkv: torch.Tensor | None = None
+    pending_gates: torch.Tensor | None = None
+
+
+@dataclass
+class KVState:
+    """Attention keys and values kept for the next call, each ``[batch, n, heads, head_dim]`` (after RoPE)."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+@dataclass
+class SegmentState:
+    """``titans_mac``'s state of the segment in progress.
+
+    Attributes:
+        memory: the memory as of the segment's start, which its tokens read; ``None``: the learned init.
+        conv: tail of the memory-query short conv, ``[batch, conv_size − 1, heads·head_dim]``.
+        memory_kv: keys and values of the segment's memory tokens so far (the tokens' own are
+            :attr:`TitansState.kv`).
+    """
+
+    memory: MemoryState | None = None
+    conv: torch.Tensor | None = None
+    memory_kv: KVState = field(default_factory=KVState)
+
+
+@dataclass
+class TitansState:
+    """The decode state of a Titans layer; each layer uses the parts it has.
+
+    Attributes:
+        stream: the memory branch's (every layer; MAL's is its LMM sub-layer's).
+        kv: the attention's keys and values: the window of MAG and MAL, the current segment's tokens of MAC.
+        segment: MAC's segment state.
+    """
+
+    stream: MemoryStreamState = field(default_factory=MemoryStreamState)
+    kv: KVState = field(default_factory=KVState)
+    segment: SegmentState = field(default_factory=SegmentState)
+
+
+_CONV_NAMES = ("conv_q", "conv_k", "conv_v")
+
+
+def _load(cache: LayerCache | None, branch: _MemoryBranch) -> TitansState:
+    """The state in ``cache`` (empty without a cache or before the first call); memory states take ``branch``'s shapes."""
+    if cache is None:
+        return TitansState()
+    get = cache.get
+    conv = tuple(get(name) for name in _CONV_NAMES)
+    return TitansState(
+        stream=MemoryStreamState(
+            conv=None if conv[0] is None else conv,
+            memory=_unpack(get("recurrent"), branch),
+            pending_qkv=get("pending_qkv"),
+            pending_gates=get("pending_gates"),
+        ),
+        kv=KVState(get("key"), get("value")),
+        segment=SegmentState(
+            memory=_unpack(get("recurrent_segment"), branch), conv=get("conv_hq"), memory_kv=KVState(get("mem_key"), get("mem_value"))
+        ),
+    )
+
+
+def _save(cache: LayerCache | None, state: TitansState, seq: int) -> None:
+    """Write ``state`` into ``cache`` after a call of ``seq`` tokens (the inverse of :func:`_load`).
+
+    Each tensor is stored under its own name; each memory state is packed into one ``[batch, heads, n]``
+    tensor. Parts a layer does not have (``None``) are not stored.
+    """
     if cache is None:
         return
-    for name, value in state.items():
-        cache.set(name, _pack(value) if isinstance(value, tuple) else value)
+    stream, segment = state.stream, state.segment
+    tensors = {
+        **dict(zip(_CONV_NAMES, stream.conv or ())),
+        "recurrent": _pack(stream.memory),
+        "pending_qkv": stream.pending_qkv,
+        "pending_gates": stream.pending_gates,
+        "key": state.kv.key,
+        "value": state.kv.value,
+        "recurrent_segment": _pack(segment.memory),
+        "conv_hq": segment.conv,
+        "mem_key": segment.memory_kv.key,
+        "mem_value": segment.memory_kv.value,
+    }
+    for name, value in tensors.items():
+        if value is not None:
+            cache.set(name, value)
     cache.seen_tokens += seq
 
 
-def _pack(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """A memory state (weights then momenta, each ``[batch, heads, a, b]``) as ``[batch, heads, n]``."""
-    return torch.cat([t.flatten(2) for t in state], dim=-1)
+def _pack(state: MemoryState | None) -> torch.Tensor | None:
+    """A memory state (weights then momenta, each ``[batch, heads, a, b]``) as one ``[batch, heads, n]`` tensor."""
+    return None if state is None else torch.cat([t.flatten(2) for t in state], dim=-1)
+
+
+def _unpack(packed: torch.Tensor | None, branch: _MemoryBranch) -> MemoryState | None:
+    """Inverse of :func:`_pack` for ``branch``'s memory: ``[batch, heads, n]`` to the op's state type."""
+    if packed is None:
+        return None
+    shapes = branch._shapes() * 2
+    parts = packed.split([a * b for a, b in shapes], dim=-1)
+    cls = LinearMemoryState if branch.memory == "linear" else MLPMemoryState
+    return cls(*(t.unflatten(-1, shape) for t, shape in zip(parts, shapes)))
 
 
 class _MemoryBranch(nn.Module):
@@ -71,49 +270,25 @@ class _MemoryBranch(nn.Module):
 
     ``features(x [batch, seq, in_dim])`` gives ``q, k, v [batch, seq, heads, head_dim]`` (SiLU, L2-normed
     q and k) and gates ``[batch, seq, heads, n_gates]``; ``run`` writes and reads the memory.
-
-    State names (``prefix`` + name): ``conv_q``/``conv_k``/``conv_v`` (conv tails ``[batch, conv_size-1,
-    heads·head_dim]``), ``recurrent`` (fp32 memory weights + momenta at the last chunk boundary, packed
-    ``[batch, heads, n]``), ``pending_qkv`` ``[batch, p, heads, 3·head_dim]`` and ``pending_gates``
-    ``[batch, p, heads, n_gates]`` for the ``p < chunk_size`` tokens after that boundary.
+    Both advance a :class:`MemoryStreamState`; ``forward(x, stream)`` does the two.
     """
 
-    def __init__(
-        self,
-        layer: str,
-        in_dim: int,
-        num_heads: int,
-        head_dim: int,
-        chunk_size: int,
-        memory: str,
-        mlp_expansion: int,
-        mlp_activation: str,
-        mlp_residual_norm: bool,
-        max_lr: float,
-        conv_size: int | None,
-        use_momentum: bool,
-        use_decay: bool,
-        retrieval: str = "token",
-    ) -> None:
+    def __init__(self, in_dim: int, options: MemoryOptions) -> None:
+        """``in_dim``: width of the branch's input; ``options``: resolved (``head_dim`` set, see :meth:`MemoryOptions.resolve`)."""
         super().__init__()
-        _check(layer, num_heads >= 1 and head_dim >= 1, f"num_heads and head_dim must be >= 1, got {num_heads}, {head_dim}")
-        _check(layer, isinstance(chunk_size, int) and chunk_size >= 1, f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        _check(layer, memory in ("linear", "mlp"), f"memory must be 'linear' or 'mlp', got {memory!r}")
-        _check(layer, mlp_expansion >= 1, f"mlp_expansion must be >= 1, got {mlp_expansion}")
-        _check(layer, mlp_activation in ("gelu", "silu", "relu", "tanh"), f"unknown mlp_activation {mlp_activation!r}")
-        _check(layer, max_lr > 0, f"max_lr must be > 0, got {max_lr}")
-        _check(layer, conv_size is None or conv_size >= 1, f"conv_size must be >= 1 or null, got {conv_size}")
-        _check(layer, retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
-        self.num_heads, self.head_dim, self.chunk_size, self.memory = num_heads, head_dim, chunk_size, memory
-        self.max_lr, self.use_momentum, self.use_decay = max_lr, use_momentum, use_decay
-        self.mlp_activation, self.retrieval = mlp_activation, retrieval
-        self.mlp_residual_norm = memory == "mlp" and mlp_residual_norm
-        self.n_gates = 1 + int(use_momentum) + int(use_decay)
+        self.options = options
+        # Flat copies of the options that the compute reads (and that eval's benchmark reads: max_lr).
+        num_heads, head_dim, conv_size = options.num_heads, options.head_dim, options.conv_size
+        self.num_heads, self.head_dim, self.conv_size = num_heads, head_dim, conv_size
+        self.chunk_size, self.memory, self.retrieval = options.chunk_size, options.memory, options.retrieval
+        self.max_lr, self.use_momentum, self.use_decay = options.max_lr, options.use_momentum, options.use_decay
+        self.mlp_activation = options.mlp_activation
+        self.mlp_residual_norm = options.memory == "mlp" and options.mlp_residual_norm
+        self.n_gates = 1 + int(options.use_momentum) + int(options.use_decay)
         width = num_heads * head_dim
         self.q_proj = nn.Linear(in_dim, width, bias=False)
         self.k_proj = nn.Linear(in_dim, width, bias=False)
         self.v_proj = nn.Linear(in_dim, width, bias=False)
-        self.conv_size = conv_size
         if conv_size is not None:
             self.q_conv = ShortConvolution(width, conv_size, activation="silu")
             self.k_conv = ShortConvolution(width, conv_size, activation="silu")
@@ -122,15 +297,15 @@ class _MemoryBranch(nn.Module):
         self.gate_proj = nn.Linear(in_dim, num_heads * self.n_gates)
         self.gate_proj._keep_init = True
         nn.init.normal_(self.gate_proj.weight, std=0.02)
-        biases = [_LR_BIAS] + [_MOMENTUM_BIAS] * use_momentum + [_DECAY_BIAS] * use_decay
+        biases = [_LR_BIAS] + [_MOMENTUM_BIAS] * options.use_momentum + [_DECAY_BIAS] * options.use_decay
         with torch.no_grad():
             self.gate_proj.bias.copy_(torch.tensor(biases).repeat(num_heads))
         # Learned per-head initial memory (never zero: a zero deep memory has zero hidden-layer gradients).
         # Exempt from weight decay, which would pull it towards that zero.
-        if memory == "linear":
+        if options.memory == "linear":
             self.init_weights = nn.ParameterList([nn.Parameter(_xavier(num_heads, head_dim, head_dim))])
         else:
-            hidden = mlp_expansion * head_dim
+            hidden = options.mlp_expansion * head_dim
             self.init_weights = nn.ParameterList(
                 [nn.Parameter(_xavier(num_heads, head_dim, hidden)), nn.Parameter(_xavier(num_heads, hidden, head_dim))]
             )
@@ -144,29 +319,19 @@ class _MemoryBranch(nn.Module):
 
     # --- state -------------------------------------------------------------------------------------
     def _shapes(self) -> list[tuple[int, int]]:
+        """Per-head shapes of the memory's weight matrices (the momenta have the same)."""
         return [tuple(p.shape[1:]) for p in self.init_weights]
 
-    def initial_state(self, batch: int, dtype: torch.dtype) -> LinearMemoryState | MLPMemoryState:
+    def initial_state(self, batch: int, dtype: torch.dtype) -> MemoryState:
         """The learned init expanded to ``batch`` sequences, with zero momenta, in ``dtype``."""
         weights = [p.to(dtype).expand(batch, -1, -1, -1) for p in self.init_weights]
         momenta = [torch.zeros_like(w) for w in weights]
         cls = LinearMemoryState if self.memory == "linear" else MLPMemoryState
         return cls(*weights, *momenta)
 
-    def unpack(self, packed: torch.Tensor) -> LinearMemoryState | MLPMemoryState:
-        """Inverse of the packing in the cache: ``[batch, heads, n]`` to the op's state type."""
-        sizes = [a * b for a, b in self._shapes()] * 2
-        parts = packed.split(sizes, dim=-1)
-        shapes = self._shapes() * 2
-        tensors = [t.unflatten(-1, s) for t, s in zip(parts, shapes)]
-        return (LinearMemoryState if self.memory == "linear" else MLPMemoryState)(*tensors)
-
-    def get_state(self, state: State, name: str, batch: int, dtype: torch.dtype):
-        """Memory state ``name`` from the working state (unpacked), or the learned init."""
-        value = state.get(name)
-        if value is None:
-            return self.initial_state(batch, dtype)
-        return self.unpack(value) if isinstance(value, torch.Tensor) else value
+    def state_or_init(self, state: MemoryState | None, batch: int, dtype: torch.dtype) -> MemoryState:
+        """``state``, or the learned init (:meth:`initial_state`) before the first chunk boundary."""
+        return self.initial_state(batch, dtype) if state is None else state
 
     def state_numel(self) -> int:
         """Floats per (sequence, head) in one memory state (weights + momenta)."""
@@ -184,20 +349,24 @@ class _MemoryBranch(nn.Module):
         return total
 
     # --- compute -----------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor, state: State, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """Write ``x [batch, seq, in_dim]`` into the memory and read it: ``[batch, seq, heads, head_dim]``; advances ``stream``."""
+        return self.run(*self.features(x, stream), stream)
+
+    def features(self, x: torch.Tensor, stream: MemoryStreamState) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, in_dim]`` → ``(qkv [batch, seq, heads, 3·head_dim], gates [batch, seq, heads, n_gates])``.
 
-        Advances the conv tails in ``state``. Under autograd the projections, convs and norms are
+        Advances the conv tails in ``stream``. Under autograd the projections, convs and norms are
         recomputed in backward, so only ``x`` is kept for them (about five activation-sized tensors
         less per layer, for about 10-15% more fwd+bwd time on CPU).
         """
-        names = [prefix + n for n in ("conv_q", "conv_k", "conv_v")] if self.conv_size is not None else []
-        tails = [state.get(n) for n in names]
+        tails = () if self.conv_size is None else stream.conv or (None, None, None)
         if torch.is_grad_enabled():
             qkv, gates, *new_tails = checkpoint(self._features, x, *tails, use_reentrant=False)
         else:
             qkv, gates, *new_tails = self._features(x, *tails)
-        state.update(zip(names, new_tails))
+        if new_tails:
+            stream.conv = tuple(new_tails)
         return qkv, gates
 
     def _features(self, x: torch.Tensor, *tails: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -216,7 +385,9 @@ class _MemoryBranch(nn.Module):
         gates = rearrange(gates, "b t (h g) -> b t h g", g=self.n_gates)
         return (qkv, gates, *new_tails)
 
-    def _op(self, qkv: torch.Tensor, gates: torch.Tensor, initial_state, final: bool, read_only: bool = False):
+    def _op(
+        self, qkv: torch.Tensor, gates: torch.Tensor, initial_state: MemoryState, final: bool, read_only: bool = False
+    ) -> tuple[torch.Tensor, MemoryState | None]:
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if read_only:
             # θ = 0 and no momentum: the memory is frozen, so the op returns M(q; W) of ``initial_state``.
@@ -236,25 +407,25 @@ class _MemoryBranch(nn.Module):
             output_final_state=final, retrieval=self.retrieval, **kwargs,
         )  # fmt: skip
 
-    def read(self, q: torch.Tensor, memory_state) -> torch.Tensor:
+    def read(self, q: torch.Tensor, memory_state: MemoryState) -> torch.Tensor:
         """``M(q; W)`` with the fixed weights of ``memory_state``: ``q [batch, seq, heads, head_dim]`` → same shape."""
         qkv = torch.cat([q, q, torch.zeros_like(q)], dim=-1)
         gates = q.new_zeros(*q.shape[:3], self.n_gates)
         return self._op(qkv, gates, memory_state, final=False, read_only=True)[0]
 
-    def run(self, qkv: torch.Tensor, gates: torch.Tensor, state: State, prefix: str = "") -> torch.Tensor:
-        """Write and read the memory for new tokens; returns ``[batch, seq, heads, head_dim]``.
+    def run(self, qkv: torch.Tensor, gates: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """Write and read the memory for new tokens (:meth:`features`); returns ``[batch, seq, heads, head_dim]``.
 
-        Continues from ``state`` (chunk-boundary memory + pending tokens) and updates it.
+        Continues from ``stream`` (chunk-boundary memory + pending tokens) and updates it.
         """
         batch, seq = qkv.shape[:2]
-        pending_qkv, pending_gates = state.get(prefix + "pending_qkv"), state.get(prefix + "pending_gates")
+        pending_qkv, pending_gates = stream.pending_qkv, stream.pending_gates
         past = 0 if pending_qkv is None else pending_qkv.shape[1]
         if past:
             qkv = torch.cat([pending_qkv.to(qkv.dtype), qkv], dim=1)
             gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
         dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        memory_state = self.get_state(state, prefix + "recurrent", batch, dtype)
+        memory_state = self.state_or_init(stream.memory, batch, dtype)
         total = past + seq
         full = total - total % self.chunk_size
         outs = []
@@ -263,9 +434,7 @@ class _MemoryBranch(nn.Module):
             outs.append(o)
         if total > full:
             outs.append(self._op(qkv[:, full:], gates[:, full:], memory_state, final=False)[0])
-        state[prefix + "recurrent"] = memory_state
-        state[prefix + "pending_qkv"] = qkv[:, full:]
-        state[prefix + "pending_gates"] = gates[:, full:]
+        stream.memory, stream.pending_qkv, stream.pending_gates = memory_state, qkv[:, full:], gates[:, full:]
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return o[:, past:]
 
@@ -296,7 +465,8 @@ _MEMORY_DOC = """
         memory: ``"linear"`` (``M(x) = xW``) or ``"mlp"`` (2-layer MLP ``σ(x W1) W2``). Default: ``"linear"``.
         mlp_expansion: hidden width of the MLP memory in units of ``head_dim``. Default: 4.
         mlp_activation: the MLP memory's hidden activation (``gelu``, ``silu``, ``relu``, ``tanh``).
-        mlp_residual_norm: MLP memory ``x + LN(MLP(x))`` (TTT/§9.5) with learned per-head LN gain/bias. Default: True.
+        mlp_residual_norm: MLP memory ``x + LN(MLP(x))`` with learned per-head LN gain/bias, the inner model
+            that TTT, Miras and ATLAS share. Default: True.
         max_lr: the inner learning rate is ``θ = max_lr · sigmoid(Linear(x))`` per head. Default: 0.1. Every
             token of a chunk takes its gradient at the chunk-start weights, so similar keys add up to a
             step of about ``chunk_size · θ``; at 1.0 with chunk 16 a MAC model diverged in training and an
@@ -306,13 +476,13 @@ _MEMORY_DOC = """
         use_decay: learn a forget gate α (else α = 0). Default: True.
         retrieval: ``"token"`` reads every token with its own updated weights (the paper, the default);
             ``"chunk"`` reads with the weights of the last completed chunk (a chunk's last token sees its
-            own chunk), titans-pytorch's cheaper retrieval (spec §9.1)."""
+            own chunk), titans-pytorch's cheaper retrieval."""
 
 
 @register_mixer("titans_lmm")
 class TitansLMM(TokenMixer):
     (
-        """Titans' neural long-term memory as an attention-free token mixer (spec §2.1, §2.4).
+        """Titans' neural long-term memory as an attention-free token mixer.
 
     ``q, k, v = L2(SiLU(conv(x W)))`` (no L2 on v), per-head gates ``θ, η, α = sigmoid(Linear(x))``, the
     memory op (retrieve after update, inclusive), then ``W_o(RMSNorm(o) ⊙ sigmoid(x W_g))`` per head.
@@ -328,31 +498,13 @@ class TitansLMM(TokenMixer):
     """
     )
 
-    def __init__(
-        self,
-        hidden_size: int,
-        layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
-    ) -> None:
+    @_memory_keywords
+    def __init__(self, hidden_size: int, layer_idx: int = 0, **memory: Any) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_lmm", hidden_size, memory)
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _MemoryBranch(
-            "titans_lmm", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.memory = _MemoryBranch(hidden_size, options)
+        num_heads, head_dim = self.num_heads, self.head_dim = options.num_heads, options.head_dim
         self.g_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.out_norm = GatedRMSNorm(head_dim, activation="sigmoid")
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
@@ -362,12 +514,19 @@ class TitansLMM(TokenMixer):
         check_hidden("titans_lmm", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
-        o = self.memory.run(*self.memory.features(x, state), state)
-        gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
-        o = self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
+        state = _load(cache, self.memory)
+        o = self.forward_state(x, state.stream)
         _save(cache, state, x.shape[1])
         return o
+
+    def forward_state(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+        """The layer on its typed state: ``x [batch, seq, hidden] -> [batch, seq, hidden]``, advancing ``stream``.
+
+        :meth:`forward` without the cache; ``titans_mal`` runs its memory sub-layer through this.
+        """
+        o = self.memory(x, stream)
+        gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
+        return self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
         """Bytes of the cache after ``seq_len`` tokens (``None``: the most it ever holds, ``chunk_size − 1`` pending)."""
@@ -375,7 +534,14 @@ class TitansLMM(TokenMixer):
 
 
 class _GatedCombine(nn.Module):
-    """``W_o(RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m)))`` (spec §9.8): the MAG gate, also MAC's output gate."""
+    """``W_o(RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m)))``: the MAG gate, also MAC's output gate.
+
+    The paper leaves the gate open and, for its experiments, normalises both branches with learnable
+    vector-valued weights before a non-linearity: here the RMSNorm gains are those weights, normalising
+    both branches keeps the gate independent of their scales, and the sigmoid on the memory side scales
+    each channel of ``y`` by a factor in ``(0, 1)``. ``W_o`` replaces the attention's output projection.
+    ``y, m: [batch, seq, width]`` → ``[batch, seq, hidden]``.
+    """
 
     def __init__(self, width: int, hidden_size: int) -> None:
         super().__init__()
@@ -389,7 +555,7 @@ class _GatedCombine(nn.Module):
 @register_mixer("titans_mag")
 class TitansMAG(TokenMixer):
     (
-        """Titans MAG, memory as a gate (spec §2.4, §9.8): ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))``.
+        """Titans MAG, memory as a gate: ``o = W_o(Norm(SWA*(x)) ⊙ σ(Norm(M(x))))`` (the gate: :class:`_GatedCombine`).
 
     ``SWA*`` is sliding-window causal attention over the layer input with learned persistent K/V per
     head (``num_persistent`` slots visible to every query): the ``attention`` mixer (``attn``) without
@@ -411,33 +577,22 @@ class TitansMAG(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_mag", hidden_size, memory)
+        num_heads, head_dim = options.num_heads, options.head_dim
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.memory = _MemoryBranch(
-            "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
+        self.memory = _MemoryBranch(hidden_size, options)
         # No output projection: the gate's W_o projects the gated attention output.
         self.attn = _attention(
             "titans_mag", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
@@ -450,10 +605,11 @@ class TitansMAG(TokenMixer):
         check_hidden("titans_mag", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
+        state = _load(cache, self.memory)
         offset = 0 if cache is None else cache.seen_tokens
-        y, state["key"], state["value"] = self.attn.attend(x, state.get("key"), state.get("value"), offset)
-        m = self.memory.run(*self.memory.features(x, state), state)
+        y, *kv = self.attn.attend(x, state.kv.key, state.kv.value, offset)
+        state.kv = KVState(*kv)
+        m = self.memory(x, state.stream)
         o = self.combine(y, rearrange(m, "b t h d -> b t (h d)").to(y.dtype))
         _save(cache, state, x.shape[1])
         return o
@@ -466,13 +622,14 @@ class TitansMAG(TokenMixer):
 @register_mixer("titans_mal")
 class TitansMAL(TokenMixer):
     (
-        """Titans MAL, memory as a layer (spec §2.4, Eqs 29–31): the memory layer, then SWA* on its output.
+        """Titans MAL, memory as a layer (the paper's Eqs 29–31): the memory layer, then SWA* on its output.
 
     ``m = W_m(RMSNorm(M(x)) ⊙ σ(x W_g))`` is a full ``titans_lmm`` sub-layer; ``h = x + m`` (residual);
     ``o = m + W_o SWA*(RMSNorm(h))``, so the surrounding block computes ``x + m + SWA*(Norm(x + m))``:
     the two residual sub-layers of the H3-style stack with the memory's output feeding the attention.
     ``SWA*`` is sliding-window attention with learned persistent K/V (``num_persistent`` per head): the
-    ``attention`` mixer (``attn``, its ``o_proj`` is ``W_o``).
+    ``attention`` mixer (``attn``, its ``o_proj`` is ``W_o``). Both run as they would on their own
+    (:meth:`TitansLMM.forward_state`, :meth:`Attention.attend`); this layer only wires them.
 
     Args:
         hidden_size: model width.
@@ -487,33 +644,22 @@ class TitansMAL(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         window_size: int | None = 64,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        self.lmm = TitansLMM(
-            hidden_size, layer_idx, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
-        head_dim = self.lmm.head_dim
+        # The memory sub-layer is a whole titans_lmm: it builds (and checks) the memory options itself.
+        self.lmm = TitansLMM(hidden_size, layer_idx, **memory)
+        num_heads, head_dim = self.lmm.num_heads, self.lmm.head_dim
         self.attn_norm = RMSNorm(hidden_size)
         self.attn = _attention(
             "titans_mal", hidden_size, layer_idx, num_heads=num_heads, head_dim=head_dim, window_size=window_size,
@@ -525,13 +671,11 @@ class TitansMAL(TokenMixer):
         check_hidden("titans_mal", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
-        lmm = self.lmm
-        o = lmm.memory.run(*lmm.memory.features(x, state), state)
-        gate = rearrange(lmm.g_proj(x), "b t (h d) -> b t h d", d=lmm.head_dim)
-        m = lmm.o_proj(rearrange(lmm.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
+        state = _load(cache, self.lmm.memory)
+        m = self.lmm.forward_state(x, state.stream)
         offset = 0 if cache is None else cache.seen_tokens
-        y, state["key"], state["value"] = self.attn.attend(self.attn_norm(x + m), state.get("key"), state.get("value"), offset)
+        y, *kv = self.attn.attend(self.attn_norm(x + m), state.kv.key, state.kv.value, offset)
+        state.kv = KVState(*kv)
         _save(cache, state, x.shape[1])
         return m + self.attn.o_proj(y)
 
@@ -543,7 +687,13 @@ class TitansMAL(TokenMixer):
 @register_mixer("titans_mac")
 class TitansMAC(TokenMixer):
     (
-        """Titans MAC, memory as context, in the causal interpretation of spec §9.7 (not titans-pytorch's MAC).
+        """Titans MAC, memory as context, read causally (a different model from titans-pytorch's MAC).
+
+    The paper's MAC, taken literally, leaks later tokens into earlier ones in two places: (a) each
+    segment token's memory reading ``h_j`` comes from its own query, and the paper lets every query of
+    the segment attend to all of them, so token ``i`` would see ``h_j`` of a later token ``j``; (b) the
+    output gate reads the memory after it has been written with the whole segment. This layer keeps the
+    paper's structure and closes both (``docs/titans.md`` has the longer account).
 
     The sequence is cut into segments of ``segment_size`` tokens (counted from the first token). For a
     token ``i`` of segment ``n``:
@@ -551,14 +701,15 @@ class TitansMAC(TokenMixer):
     1. ``h_i = M_{n−1}(q̃_i)``, ``q̃_i = L2(SiLU(conv(x_i W_h)))``: the memory as of the end of segment
        ``n−1`` (the learned init for ``n = 0``), read with token ``i``'s own query — never a later one.
     2. ``a_i = Attn(q_i; persistent K/V ‖ K/V(h_j) ‖ K/V(x_j) for j ≤ i in segment n)``: causal
-       attention inside the segment; a memory token ``h_j`` is visible only from position ``j`` on, so no
-       token sees information from a later token (hazard (a) of §2.4).
+       attention inside the segment; a memory token ``h_j`` sits at token ``j``'s position and is visible
+       only from there on, so no token sees a later one through it (closes (a)).
     3. The attention outputs are written into the memory token by token (same branch as ``titans_lmm``,
-       on ``a`` instead of ``x``), and ``m_i = M_i(a_i)`` is read after token ``i``'s update (hazard (b):
-       per-token causal weights, never the end-of-segment memory).
-    4. ``o_i = W_o(RMSNorm(a_i) ⊙ sigmoid(RMSNorm(m_i)))``.
+       on ``a`` instead of ``x``), and ``m_i = M_i(a_i)`` is read right after token ``i``'s own update,
+       never with the end-of-segment memory (closes (b)).
+    4. ``o_i = W_o(RMSNorm(a_i) ⊙ sigmoid(RMSNorm(m_i)))``, MAG's gate (:class:`_GatedCombine`).
 
-    ``segment_size`` must be a multiple of ``chunk_size`` so that segment ends are chunk boundaries.
+    ``segment_size`` must be a multiple of ``chunk_size``: the next segment reads the memory as of the
+    segment's end, and the memory state exists only at chunk boundaries.
 
     Args:
         hidden_size: model width.
@@ -575,34 +726,24 @@ class TitansMAC(TokenMixer):
     """
     )
 
+    @_memory_keywords
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int = 0,
-        num_heads: int = 2,
-        head_dim: int | None = None,
-        chunk_size: int = 16,
-        memory: str = "linear",
-        mlp_expansion: int = 4,
-        mlp_activation: str = "gelu",
-        mlp_residual_norm: bool = True,
-        max_lr: float = 0.1,
-        conv_size: int | None = 4,
-        use_momentum: bool = True,
-        use_decay: bool = True,
-        retrieval: str = "token",
+        *,
         segment_size: int = 32,
         num_persistent: int = 4,
         rope_theta: float | None = 10000.0,
+        **memory: Any,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        options = MemoryOptions.resolve("titans_mac", hidden_size, memory)
+        num_heads, head_dim, chunk_size, conv_size = options.num_heads, options.head_dim, options.chunk_size, options.conv_size
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         width = num_heads * head_dim
-        self.memory = _MemoryBranch(
-            "titans_mac", width, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
-            mlp_residual_norm, max_lr, conv_size, use_momentum, use_decay, retrieval,
-        )  # fmt: skip
+        # The memory branch of MAC reads and writes the attention output (width wide), not the layer input.
+        self.memory = _MemoryBranch(width, options)
         _check("titans_mac", isinstance(segment_size, int) and segment_size >= 1, f"segment_size must be an int >= 1, got {segment_size!r}")
         _check(
             "titans_mac", segment_size % chunk_size == 0, f"segment_size ({segment_size}) must be a multiple of chunk_size ({chunk_size})"
@@ -623,7 +764,8 @@ class TitansMAC(TokenMixer):
         check_hidden("titans_mac", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
-        state = _load(cache)
+        state = _load(cache, self.memory)
+        segment = state.segment
         offset = 0 if cache is None else cache.seen_tokens
         batch, seq, _ = x.shape
         split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
@@ -635,7 +777,7 @@ class TitansMAC(TokenMixer):
         if self.h_conv is None:
             hq = F.silu(hq)
         else:
-            hq, state["conv_hq"] = self.h_conv(hq, state.get("conv_hq"), output_state=True)
+            hq, segment.conv = self.h_conv(hq, segment.conv, output_state=True)
         hq = l2norm(split(hq))
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         outs, start = [], 0
@@ -644,16 +786,16 @@ class TitansMAC(TokenMixer):
             n = min(seq - start, self.segment_size - pos % self.segment_size)
             piece = slice(start, start + n)
             # 1. read the memory as of the segment start with each token's own query.
-            segment_memory = state["recurrent_segment"] = self.memory.get_state(state, "recurrent_segment", batch, dtype)
-            h = rearrange(self.memory.read(hq[:, piece], segment_memory), "b t h d -> b t (h d)").to(x.dtype)
+            segment.memory = self.memory.state_or_init(segment.memory, batch, dtype)
+            h = rearrange(self.memory.read(hq[:, piece], segment.memory), "b t h d -> b t (h d)").to(x.dtype)
             hk, hv = (split(t) for t in self.h_kv(h).chunk(2, dim=-1))
             if self.rotary is not None:
                 hk = self.rotary(hk, pos)
             # 2. causal attention over persistent ‖ memory tokens ‖ tokens of this segment.
-            past = 0 if state.get("key") is None else state["key"].shape[1]
+            past = 0 if state.kv.key is None else state.kv.key.shape[1]
             if past:
-                hk, hv = torch.cat([state["mem_key"], hk], 1), torch.cat([state["mem_value"], hv], 1)
-                kk, vv = torch.cat([state["key"], k[:, piece]], 1), torch.cat([state["value"], v[:, piece]], 1)
+                hk, hv = torch.cat([segment.memory_kv.key, hk], 1), torch.cat([segment.memory_kv.value, hv], 1)
+                kk, vv = torch.cat([state.kv.key, k[:, piece]], 1), torch.cat([state.kv.value, v[:, piece]], 1)
             else:
                 kk, vv = k[:, piece], v[:, piece]
             # Memory token j sits at token j's position: both halves of the context share one causal mask.
@@ -661,13 +803,13 @@ class TitansMAC(TokenMixer):
             context_k, context_v = torch.cat([hk, kk], 1), torch.cat([hv, vv], 1)
             a = persistent_attention(q[:, piece], context_k, context_v, torch.cat([causal, causal], 1), self.persistent)
             # 3. write the attention outputs into the memory; read each after its own update.
-            m = self.memory.run(*self.memory.features(a, state), state)
+            m = self.memory(a, state.stream)
             outs.append(self.combine(a, rearrange(m, "b t h d -> b t (h d)").to(a.dtype)))
             if (pos + n) % self.segment_size == 0:
                 # The segment is complete: its end is a chunk boundary, the next segment reads this memory.
-                state["recurrent_segment"] = state["recurrent"]
+                segment.memory = state.stream.memory
                 hk, hv, kk, vv = (t[:, :0] for t in (hk, hv, kk, vv))
-            state["mem_key"], state["mem_value"], state["key"], state["value"] = hk, hv, kk, vv
+            segment.memory_kv, state.kv = KVState(hk, hv), KVState(kk, vv)
             start += n
         _save(cache, state, seq)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

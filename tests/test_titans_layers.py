@@ -2,15 +2,22 @@
 mid-segment), token-by-token decode == parallel, causality (inside a chunk and inside a MAC segment),
 gradients, cache size, option errors, configs train through ``seqzoo.training.run``."""
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import OmegaConf
 
 import seqzoo.training as training
-from seqzoo.models import ConfigError, LanguageModel, build_mixer
-from seqzoo.models.titans import TitansMAC
-from seqzoo.ops import LinearMemoryState, neural_memory
+from seqzoo.models import ConfigError, LanguageModel, build_mixer, get_mixer_class
+from seqzoo.models import titans as titans_module
+from seqzoo.models.cache import LayerCache
+from seqzoo.models.titans import MemoryOptions, TitansLMM, TitansMAC
+from seqzoo.ops import LinearMemoryState, MLPMemoryState, neural_memory
 from tests.helpers import assert_rel_close
 from tests.test_training import TINY
 
@@ -90,8 +97,9 @@ def test_causal_at_every_position_also_inside_a_chunk(case):
 
 
 def test_mac_segment_tokens_do_not_leak_into_earlier_ones():
-    # MAC hazards (a)/(b) of spec §2.4: the memory tokens of a segment and the segment-end memory must not
-    # reach earlier tokens of the same segment. One segment of 8 tokens; perturb only the last one.
+    # The two leaks of MAC as the paper writes it (docs/titans.md): the memory tokens of a segment (a) and the
+    # segment-end memory (b) must not reach earlier tokens of the same segment. One segment of 8 tokens;
+    # perturb only the last one.
     layer = make("mac_mlp")
     torch.manual_seed(3)
     x = torch.randn(2, 8, HIDDEN)
@@ -135,6 +143,25 @@ def test_gradients_reach_every_parameter_and_are_finite(case):
         assert p.grad.abs().sum() > 0, f"{case}: zero gradient for {name}"
 
 
+def test_mal_is_its_lmm_sub_layer_then_attention_on_the_sum():
+    # o = m + W_o SWA*(RMSNorm(x + m)) with m = titans_lmm(x): the sub-layers run as mixers of their own, with
+    # their own caches, give the same numbers, and MAL's cache holds exactly theirs.
+    layer = make("mal_mlp")
+    torch.manual_seed(6)
+    x = torch.randn(2, 11, HIDDEN)
+    m = layer.lmm(x)
+    assert torch.equal(layer(x), m + layer.attn(layer.attn_norm(x + m)))
+    cache, lmm_cache, attn_cache = layer.init_cache(2), layer.lmm.init_cache(2), layer.attn.init_cache(2)
+    for a, b in ((0, 6), (6, 7), (7, 11)):
+        m = layer.lmm(x[:, a:b], cache=lmm_cache)
+        expected = m + layer.attn(layer.attn_norm(x[:, a:b] + m), cache=attn_cache)
+        assert torch.equal(layer(x[:, a:b], cache=cache), expected)
+    parts = {**lmm_cache.tensors, **attn_cache.tensors}
+    assert sorted(cache.tensors) == sorted(parts) and len(parts) == len(lmm_cache.tensors) + len(attn_cache.tensors)
+    for name, tensor in parts.items():
+        assert torch.equal(cache.get(name), tensor), name
+
+
 def test_learned_initial_memory_is_used_and_not_zero():
     layer = make("lmm_mlp")
     w1, w2 = layer.memory.init_weights
@@ -163,6 +190,27 @@ def test_state_size_counts_pending_tokens_and_max():
         build_mixer("titans_mag", HIDDEN, 0, {"window_size": None}).state_size()
 
 
+@pytest.mark.parametrize("case", ["lmm_plain", "mag", "mal_mlp", "mac_linear", "mac_mlp"])
+def test_typed_state_round_trips_through_the_cache(case):
+    # The layers work on a TitansState; _load/_save are the only code that maps it to cache tensors.
+    layer = make(case)
+    cache = layer.init_cache(2)
+    layer(torch.randn(2, 7, HIDDEN), cache=cache)  # mid-chunk and mid-segment for every case
+    branch = layer.lmm.memory if case.startswith("mal") else layer.memory
+    state = titans_module._load(cache, branch)
+    memory_type = MLPMemoryState if "mlp" in case else LinearMemoryState
+    assert isinstance(state.stream.memory, memory_type) and state.stream.pending_qkv.shape[1] == 7 % branch.chunk_size
+    assert (state.stream.conv is None) == (case == "lmm_plain")
+    assert (state.kv.key is None) == case.startswith("lmm")
+    assert isinstance(state.segment.memory, memory_type) if case.startswith("mac") else state.segment.memory is None
+    copy = LayerCache(2)
+    titans_module._save(copy, state, 7)
+    assert copy.seen_tokens == 7 and sorted(copy.tensors) == sorted(cache.tensors)
+    for name, tensor in cache.tensors.items():
+        assert torch.equal(copy.get(name), tensor), name
+    assert titans_module._load(None, branch) == titans_module.TitansState()
+
+
 @pytest.mark.parametrize(
     "name, options, message",
     [
@@ -179,6 +227,64 @@ def test_bad_options_fail_with_one_line(name, options, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_mixer(name, HIDDEN, 0, options)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_heads": 0}, "num_heads"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"chunk_size": 2.0}, "chunk_size must be an int"),
+        ({"memory": "deep"}, "memory must be"),
+        ({"mlp_expansion": 0}, "mlp_expansion"),
+        ({"mlp_activation": "elu"}, "mlp_activation"),
+        ({"max_lr": -0.1}, "max_lr"),
+        ({"conv_size": 0}, "conv_size"),
+        ({"retrieval": "segment"}, "retrieval must be one of token, chunk"),
+    ],
+)
+def test_memory_options_reject_bad_values_with_one_line(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        MemoryOptions(**options)
+    assert "\n" not in str(info.value)
+    # Every mixer checks its memory keywords there, and names itself in the error.
+    for name in ("titans_lmm", "titans_mag", "titans_mal", "titans_mac"):
+        with pytest.raises(ConfigError, match=rf"^titans_\w+: .*{message}") as info:
+            build_mixer(name, HIDDEN, 0, options)
+        assert "\n" not in str(info.value)
+
+
+def test_memory_options_resolve_head_dim_from_the_layer_width():
+    assert MemoryOptions().head_dim is None
+    assert MemoryOptions.resolve("titans_lmm", 24, {"num_heads": 3}).head_dim == 8
+    assert MemoryOptions.resolve("titans_lmm", 24, {"num_heads": 3, "head_dim": 5}).head_dim == 5
+    with pytest.raises(TypeError, match="titans_lmm: unknown option.* chunk_sise"):
+        MemoryOptions.resolve("titans_lmm", 24, {"chunk_sise": 4})
+    with pytest.raises(TypeError, match="chunk_sise"):
+        TitansLMM(HIDDEN, chunk_sise=4)  # a typo fails outside the registry too
+
+
+MEMORY_DEFAULTS = {
+    "num_heads": 2, "head_dim": None, "chunk_size": 16, "memory": "linear", "mlp_expansion": 4, "mlp_activation": "gelu",
+    "mlp_residual_norm": True, "max_lr": 0.1, "conv_size": 4, "use_momentum": True, "use_decay": True, "retrieval": "token",
+}  # fmt: skip
+OWN_DEFAULTS = {
+    "titans_lmm": {},
+    "titans_mag": {"window_size": 64, "num_persistent": 4, "rope_theta": 10000.0},
+    "titans_mal": {"window_size": 64, "num_persistent": 4, "rope_theta": 10000.0},
+    "titans_mac": {"segment_size": 32, "num_persistent": 4, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_DEFAULTS))
+def test_constructor_signature_lists_every_option_with_its_default_in_config_order(name):
+    # The registry checks config keys against this signature (a ``**`` parameter would let typos through).
+    params = inspect.signature(get_mixer_class(name).__init__).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    options = {n: p.default for n, p in params.items() if n not in ("self", "hidden_size", "layer_idx")}
+    assert options == {**MEMORY_DEFAULTS, **OWN_DEFAULTS[name]}
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml")
+    assert list(config.mixers[name]) == list(options)
 
 
 def test_language_model_generate_with_cache_equals_without():
@@ -260,3 +366,12 @@ def test_lmm_keeps_few_activations_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         layer(x)
     assert sum(storages.values()) / x.shape[1] < 3500
+
+
+def test_titans_module_cites_only_files_in_the_repository():
+    # The reasons behind the layers' choices are written into the docstrings or docs/, not left in notes elsewhere.
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "models" / "titans.py").read_text()
+    assert "§" not in text and "specs/" not in text
+    cited = re.findall(r"docs/[\w./-]+\.md", text)
+    assert cited and all((root / name).is_file() for name in cited), cited
