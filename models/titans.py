@@ -43,6 +43,8 @@ from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import LinearMemoryState, MLPMemoryState, l2norm, neural_memory
+from seqzoo.ops.core import OpInputError, check_backend
+from seqzoo.ops.neural_memory import BACKENDS as NEURAL_MEMORY_BACKENDS
 from seqzoo.ops.neural_memory import RETRIEVALS
 
 # Gate-projection bias inits: sigmoid(0) = 0.5 of the max inner lr and half momentum; sigmoid(-4) ≈ 0.018
@@ -84,6 +86,7 @@ class MemoryOptions:
     use_momentum: bool = True
     use_decay: bool = True
     retrieval: str = "token"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         heads, dim = self.num_heads, self.head_dim
@@ -96,6 +99,10 @@ class MemoryOptions:
         _check_option(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr}")
         _check_option(self.conv_size is None or self.conv_size >= 1, f"conv_size must be >= 1 or null, got {self.conv_size}")
         _check_option(self.retrieval in RETRIEVALS, f"retrieval must be one of {', '.join(RETRIEVALS)}, got {self.retrieval!r}")
+        try:
+            check_backend("neural_memory", self.backend, NEURAL_MEMORY_BACKENDS)
+        except OpInputError as err:
+            raise ConfigError(f"backend: {err}") from None
 
     @classmethod
     def resolve(cls, layer: str, hidden_size: int, options: Mapping[str, Any]) -> MemoryOptions:
@@ -404,7 +411,7 @@ class _MemoryBranch(nn.Module):
         return neural_memory(
             q, k, v, lr, momentum, decay,
             chunk_size=self.chunk_size, memory=self.memory, initial_state=initial_state,
-            output_final_state=final, retrieval=self.retrieval, **kwargs,
+            output_final_state=final, retrieval=self.retrieval, backend=self.options.backend, **kwargs,
         )  # fmt: skip
 
     def read(self, q: torch.Tensor, memory_state: MemoryState) -> torch.Tensor:
@@ -476,7 +483,9 @@ _MEMORY_DOC = """
         use_decay: learn a forget gate α (else α = 0). Default: True.
         retrieval: ``"token"`` reads every token with its own updated weights (the paper, the default);
             ``"chunk"`` reads with the weights of the last completed chunk (a chunk's last token sees its
-            own chunk), titans-pytorch's cheaper retrieval."""
+            own chunk), titans-pytorch's cheaper retrieval.
+        backend: the :func:`~seqzoo.ops.neural_memory` backend (``"auto"``, ``"reference"``, ``"torch"``,
+            ``"triton"``). Default: ``"auto"``."""
 
 
 @register_mixer("titans_lmm")
@@ -657,7 +666,8 @@ class TitansMAL(TokenMixer):
     ) -> None:
         super().__init__()
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
-        # The memory sub-layer is a whole titans_lmm: it builds (and checks) the memory options itself.
+        # The memory sub-layer is a whole titans_lmm; the options are checked here so errors name this layer.
+        MemoryOptions.resolve("titans_mal", hidden_size, memory)
         self.lmm = TitansLMM(hidden_size, layer_idx, **memory)
         num_heads, head_dim = self.lmm.num_heads, self.lmm.head_dim
         self.attn_norm = RMSNorm(hidden_size)

@@ -267,6 +267,7 @@ def test_memory_options_resolve_head_dim_from_the_layer_width():
 MEMORY_DEFAULTS = {
     "num_heads": 2, "head_dim": None, "chunk_size": 16, "memory": "linear", "mlp_expansion": 4, "mlp_activation": "gelu",
     "mlp_residual_norm": True, "max_lr": 0.1, "conv_size": 4, "use_momentum": True, "use_decay": True, "retrieval": "token",
+    "backend": "auto",
 }  # fmt: skip
 OWN_DEFAULTS = {
     "titans_lmm": {},

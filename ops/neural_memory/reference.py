@@ -68,8 +68,10 @@ def neural_memory_reference(
         base: tuple[torch.Tensor, ...] = weights
         for t in range(seq):
             if t % chunk_size == 0:
-                # Constant bases (no grad) still need requires_grad to take the inner gradient.
-                base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
+                # Constant bases (no grad) still need requires_grad to take the inner gradient. Without an outer
+                # graph every base is detached: a view taken under no_grad of a parameter says requires_grad but
+                # is not connected to any graph, so differentiating it would fail.
+                base = tuple(w if outer and w.requires_grad else w.detach().requires_grad_() for w in weights)
             k_t = k[:, t].to(dtype)
             v_t = v[:, t].to(dtype)
             q_t = q[:, t].to(dtype)
