@@ -17,6 +17,7 @@ from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import ModelCache
 from seqzoo.models.modules import RMSNorm, SwiGLU
 from seqzoo.models.registry import build_mixer, get_mixer_class
+from seqzoo.ops.core import checks_enabled
 
 
 @dataclass
@@ -143,16 +144,26 @@ class LanguageModel(nn.Module):
         """Final-norm hidden states ``[batch, seq, hidden]`` (the head's input) for ``input_ids: [batch, seq]``."""
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"LanguageModel: input_ids must be integer [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{input_ids.min().item()}, {input_ids.max().item()}]"
-            )
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"LanguageModel: cache has {len(cache)} layers, model has {len(self.blocks)}")
-        x = self.embed(input_ids)
+        # The range check reads the ids (a device sync): checking mode only. Outside it, the CPU embedding's own
+        # IndexError is turned into the same one line; on a GPU a bad id is a device-side assert.
+        if checks_enabled():
+            self._check_token_ids(input_ids)
+        try:
+            x = self.embed(input_ids)
+        except IndexError:
+            self._check_token_ids(input_ids)
+            raise
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if cache is None else cache[i])
         return self.norm(x)
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """One-line error unless every id of ``input_ids`` lies in ``[0, vocab_size)``."""
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            low, high = input_ids.min().item(), input_ids.max().item()
+            raise ValueError(f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}]") from None
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cross-entropy over positions whose label is not -100.

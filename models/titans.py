@@ -213,7 +213,9 @@ _CONV_NAMES = ("conv_q", "conv_k", "conv_v")
 def _load(cache: LayerCache | None, branch: _MemoryBranch) -> TitansState:
     """The state in ``cache`` (empty without a cache or before the first call); memory states take ``branch``'s shapes."""
     if cache is None:
-        return TitansState()
+        # Spelled out rather than left to the default factories: torch.compile cannot trace a dataclass
+        # constructor called from inside another's generated __init__.
+        return TitansState(stream=MemoryStreamState(), kv=KVState(), segment=SegmentState(memory_kv=KVState()))
     get = cache.get
     conv = tuple(get(name) for name in _CONV_NAMES)
     return TitansState(

@@ -27,7 +27,9 @@ class LanguageModelModule(pl.LightningModule):
 
     Args:
         config: the whole run config as a plain dict (saved with every checkpoint); reads
-            ``config["model"]``, ``config["optim"]`` and ``config["seed"]``.
+            ``config["model"]``, ``config["optim"]``, ``config["seed"]`` and ``config.get("compile")``: compile the
+            model's mixer stack (``LanguageModel.hidden_states``) with ``torch.compile(fullgraph=True)``; the loss
+            around it (which keeps only labelled positions, a data-dependent shape) stays eager.
         segment_names: names of the evaluation segments (MQAR); per-segment accuracy is logged
             as ``val/acc/<name>`` and ``test/acc/<name>``.
     """
@@ -39,6 +41,10 @@ class LanguageModelModule(pl.LightningModule):
         self.optim = config["optim"]
         self.seed = int(config["seed"])
         self.model = LanguageModel(config["model"])
+        if config.get("compile"):
+            # An instance attribute shadowing the method: model.loss calls the compiled stack, and the state dict
+            # keeps its plain names (no "_orig_mod." prefix), so checkpoints load with or without compile.
+            self.model.hidden_states = torch.compile(self.model.hidden_states, fullgraph=True, dynamic=False)
         self.segment_names = list(segment_names or ["all"])
         self._eval_counts = torch.zeros(2, len(self.segment_names), dtype=torch.float64)
         self._eval_loss = torch.zeros(2, dtype=torch.float64)

@@ -52,6 +52,7 @@ class RunSchema:
     checkpoint_every_n_steps: int = 100
     test_after_fit: bool = True
     progress_refresh_rate: int = 20
+    compile: bool = False
 
 
 ConfigStore.instance().store(name="run_schema", node=RunSchema)
@@ -118,7 +119,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     datamodule = build_datamodule(cfg)
     module = LanguageModelModule(
-        {"model": config["model"], "optim": config["optim"], "seed": config["seed"], "data": config["data"]},
+        {"model": config["model"], "optim": config["optim"], "seed": config["seed"], "data": config["data"], "compile": config["compile"]},
         segment_names=getattr(datamodule, "segment_names", None),
     )
     history = LossHistory()

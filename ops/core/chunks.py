@@ -28,6 +28,25 @@ from einops import rearrange
 from seqzoo.ops.core.checks import check_offsets
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is handed back contiguous.
+
+    The gradient a chunked path sends back to its inputs comes through the chunk permutation, so it is
+    strided. Eager autograd does not mind, but ``torch.compile``'s traced backward can assume other strides
+    than eager kernels produce for the elementwise op that receives it (``elu``'s or ``softplus``'s backward
+    did), and then a ``view`` in the user's projection fails at run time. A contiguous gradient is the same
+    in both, and the elementwise ops upstream run faster on it anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 @dataclass
 class ChunkLayout:
     """Where every token of a call sits in a grid of chunks.
@@ -103,6 +122,8 @@ class ChunkLayout:
         ``chunk_major=True`` gives ``[num_chunks, rows, heads, chunk, *d]`` instead, so that each step of a
         sequential loop over chunks reads one contiguous block.
         """
+        if x.requires_grad:
+            x = _ContiguousGrad.apply(x)
         if self.offsets is None:
             pad = self.num_chunks * self.chunk - self.seq
             if pad:

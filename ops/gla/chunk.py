@@ -85,6 +85,13 @@ def chunk_scores(qc: torch.Tensor, kc: torch.Tensor, g: torch.Tensor, b: torch.T
     """
     span = (b[..., 0, :] - b[..., -1, :]).amax(-1)
     direct = span <= span_limit
+    if torch.compiler.is_compiling():
+        # Traced graphs have no data-dependent branches: both forms for every chunk, the cheaper one kept
+        # where it is exact (eager runs pick one form per chunk below). The direct form sees zero gates in
+        # the chunks it does not serve: its exponents there could overflow, and the zero gradient that
+        # ``where`` sends to an infinite branch would still turn into NaN.
+        safe_b = b.masked_fill(~direct[..., None, None], 0.0)
+        return torch.where(direct[..., None, None], direct_chunk_scores(qc, kc, safe_b), intra_chunk_scores(qc, kc, g, b, sub_chunk))
     if bool(direct.all()):
         return direct_chunk_scores(qc, kc, b)
     if not bool(direct.any()):

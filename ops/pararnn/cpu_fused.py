@@ -79,8 +79,12 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the kernel builds and loads here (builds it on the first call; warns once if it cannot)."""
+    """Whether the kernel builds and loads here (builds it on the first call; warns once if it cannot).
+
+    A constant for ``torch.compile``: asked while tracing, it is answered once, eagerly, not traced.
+    """
     try:
         library()
     except CpuKernelUnavailable as err:
@@ -189,3 +193,68 @@ def newton_backward(
     _run_items(getattr(lib, f"seqzoo_{kind}_backward_{suffix}"), args, _items(batch, hidden))
     # Per-sequence partial sums, added here in a fixed order: the result does not depend on the thread count.
     return du, drec.sum(0), None if dpeep is None else dpeep.sum(0), dinit
+
+
+# ------------------------------------------------------------------------------ torch.library registration
+# The kernel as two torch.library ops with shape functions and an autograd formula, so that torch.compile
+# keeps each call whole (it cannot trace ctypes) and autograd runs the fused backward.
+
+
+@torch.library.custom_op("seqzoo::pararnn_newton_cpu", mutates_args=())
+def newton_cpu(
+    kind: str,
+    u: torch.Tensor,
+    rec: torch.Tensor,
+    peep: torch.Tensor | None,
+    initial: torch.Tensor | None,
+    max_iters: int,
+    omega: float,
+    zero_guess: bool,
+) -> torch.Tensor:
+    """:func:`newton_forward` as a differentiable op: ``H [batch, seq, S]``; its gradient is :func:`newton_cpu_backward`."""
+    return newton_forward(kind, u, rec, peep, initial, max_iters, omega, zero_guess)
+
+
+@newton_cpu.register_fake
+def _(kind, u, rec, peep, initial, max_iters, omega, zero_guess):
+    batch, seq, _, hidden = u.shape
+    return u.new_empty(batch, seq, hidden if kind == "gru" else 2 * hidden)
+
+
+@torch.library.custom_op("seqzoo::pararnn_newton_cpu_backward", mutates_args=())
+def newton_cpu_backward(
+    kind: str,
+    u: torch.Tensor,
+    rec: torch.Tensor,
+    peep: torch.Tensor | None,
+    initial: torch.Tensor | None,
+    h: torch.Tensor,
+    grad: torch.Tensor,
+    want_initial: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`newton_backward` as an op: ``(du, drec, dpeep, dinitial)``, the last two empty where there is none."""
+    du, drec, dpeep, dinit = newton_backward(kind, u, rec, peep, initial, h, grad.contiguous(), want_initial)
+    return du, drec, (rec.new_empty(0) if dpeep is None else dpeep), (h.new_empty(0) if dinit is None else dinit)
+
+
+@newton_cpu_backward.register_fake
+def _(kind, u, rec, peep, initial, h, grad, want_initial):
+    dpeep = rec.new_empty(0) if peep is None else torch.empty_like(peep)
+    return torch.empty_like(u), torch.empty_like(rec), dpeep, (torch.empty_like(h[:, 0]) if want_initial else h.new_empty(0))
+
+
+def _newton_setup(ctx, inputs, output) -> None:
+    kind, u, rec, peep, initial = inputs[:5]
+    ctx.save_for_backward(u, rec, peep, initial, output)
+    ctx.kind = kind
+
+
+def _newton_backward(ctx, grad_h):
+    u, rec, peep, initial, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    du, drec, dpeep, dinit = newton_cpu_backward(ctx.kind, u, rec, peep, initial, h, grad_h, need[4])
+    grads = (du if need[1] else None, drec if need[2] else None, dpeep if need[3] else None, dinit if need[4] else None)
+    return (None, *grads, None, None, None)
+
+
+newton_cpu.register_autograd(_newton_backward, setup_context=_newton_setup)

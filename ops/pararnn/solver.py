@@ -16,7 +16,7 @@ gradient ``g``, ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` (one reverse ``affine_scan`
 
 :class:`FusedNewtonFunction` is the same solve and backward for ParaGRU/ParaLSTM with the Newton loop and the
 adjoint recurrence each in one Triton kernel (:mod:`.triton_fused`); only the final VJP stays in PyTorch.
-:class:`CpuFusedNewtonFunction` is its CPU counterpart, a compiled C++ kernel (:mod:`.cpu_fused`) that also
+:func:`cpp_apply` is its CPU counterpart, a compiled C++ kernel (:mod:`.cpu_fused`) that also
 does the VJP, so its backward runs no autograd at all.
 """
 
@@ -318,42 +318,26 @@ class FusedNewtonFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-class CpuFusedNewtonFunction(torch.autograd.Function):
-    """The fused solve on CPU tensors through the compiled kernel of :mod:`.cpu_fused`.
+def cpp_apply(
+    kind: str, config: NewtonConfig, u: torch.Tensor, rec: torch.Tensor, peep: torch.Tensor | None, initial: torch.Tensor | None
+) -> torch.Tensor:
+    """The fused solve on CPU tensors through the compiled kernel of :mod:`.cpu_fused` (the op ``seqzoo::pararnn_newton_cpu``).
 
     Forward: the initial guess and all ``max_iters`` Newton iterations in one pass over time. Backward: one
     reverse pass gives ``λ`` and the VJP of ``step`` with it (``du``, the gradients of the bounded recurrent
     and peephole vectors, of ``initial``). It takes the *bounded* vectors as inputs, so autograd carries their
-    gradients on to the raw parameters. Computes in fp32 (fp64 for fp64 inputs); saves ``u``, the vectors,
-    ``initial`` and ``H``.
+    gradients on to the raw parameters. Computes in fp32 (fp64 for fp64 inputs): the casts around the op
+    are ordinary differentiable ones.
     """
+    from seqzoo.ops.pararnn.cpu_fused import newton_cpu
 
-    @staticmethod
-    def forward(ctx, kind, config, u, rec, peep, initial):  # type: ignore[override]
-        from seqzoo.ops.pararnn.cpu_fused import newton_forward
+    compute = compute_dtype(u)
 
-        compute = compute_dtype(u)
+    def prep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(compute).contiguous()
 
-        def prep(t):
-            return None if t is None else t.detach().to(compute).contiguous()
-
-        u_c, rec_c, peep_c, init_c = prep(u), prep(rec), prep(peep), prep(initial)
-        h = newton_forward(kind, u_c, rec_c, peep_c, init_c, config.max_iters, config.omega, config.init_guess == "zeros")
-        ctx.save_for_backward(u_c, rec_c, peep_c, init_c, h)
-        ctx.kind = kind
-        ctx.dtypes = [None if t is None else t.dtype for t in (u, rec, peep, initial)]
-        return h.to(u.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h):  # type: ignore[override]
-        from seqzoo.ops.pararnn.cpu_fused import newton_backward
-
-        u, rec, peep, initial, h = ctx.saved_tensors
-        grad = grad_h.to(h.dtype).contiguous()
-        grads = newton_backward(ctx.kind, u, rec, peep, initial, h, grad, ctx.needs_input_grad[5])
-        cast = [None if g is None or not need else g.to(dt) for g, need, dt in zip(grads, ctx.needs_input_grad[2:], ctx.dtypes)]
-        return (None, None, *cast)
+    h = newton_cpu(kind, prep(u), prep(rec), prep(peep), prep(initial), config.max_iters, float(config.omega), config.init_guess == "zeros")
+    return h.to(u.dtype)
 
 
 def fused_apply(
@@ -375,7 +359,7 @@ def fused_apply(
     if config.backend == "fused":
         h = FusedNewtonFunction.apply(cell, config, kind, u, initial, *cell.recurrent_parameters())
     else:
-        h = CpuFusedNewtonFunction.apply(kind, config, u, *_bounded_vectors(cell, kind), initial)
+        h = cpp_apply(kind, config, u, *_bounded_vectors(cell, kind), initial)
     if info is not None:
         info.iterations = config.max_iters
         info.residuals = []

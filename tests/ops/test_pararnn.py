@@ -539,7 +539,7 @@ def test_cpu_kernel_that_cannot_build_is_one_line_error_and_auto_falls_back(monk
 def test_multi_head_projection_equals_einsum_and_gradchecks(heads):
     # The cells' input projection (a custom Function writing straight into [B, T, gates, N]) against the
     # plain block-diagonal einsum, and its backward against finite differences.
-    from seqzoo.ops.pararnn.cells import MultiHeadProjection
+    from seqzoo.ops.pararnn.cells import multihead_projection
 
     torch.manual_seed(0)
     batch, seq, d_in, n = 2, 5, 4 * heads, 3 * heads
@@ -547,8 +547,8 @@ def test_multi_head_projection_equals_einsum_and_gradchecks(heads):
     weight = torch.randn(heads, d_in // heads, 3, n // heads, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
     ref = torch.einsum("bthd,hdgn->btghn", x.reshape(batch, seq, heads, -1), weight).reshape(batch, seq, 3, n) + bias
-    assert torch.allclose(MultiHeadProjection.apply(x, weight, bias), ref, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(MultiHeadProjection.apply, (x, weight, bias))
+    assert torch.allclose(multihead_projection(x, weight, bias), ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(multihead_projection, (x, weight, bias))
 
 
 def test_input_errors():
