@@ -7,8 +7,9 @@ machine slows both alike); each row puts our figures beside one peer configurati
 * ``speedup`` = our fwd+bwd tokens/s ÷ the peer's (> 1: ours is faster), from the median repeats;
 * ``speedup_best`` = the same from each side's fastest repeat: on a shared machine, where other jobs
   add seconds to some repeats, the least disturbed estimate (every repeat's seconds are in the JSON);
-* ``mem_ratio`` = our peak fwd+bwd tensor memory ÷ the peer's (< 1: ours needs less);
-* ``targets_met``: ``speedup >= 3`` and ``mem_ratio <= 0.5`` (the Titans issue's targets, stated for chunk 16).
+* ``mem_ratio`` = our peak fwd+bwd tensor memory ÷ the peer's (< 1: ours needs less).
+
+The report gives ratios only; what counts as good enough is the reader's call.
 
 The peer is built as close to ours as its API allows: the same ``dim``, ``heads``, ``dim_head = dim //
 heads`` and ``chunk_size``; the same memory network (``linear``: ``MemoryMLP(dim_head, depth=1)``, one
@@ -20,7 +21,7 @@ RMSNorm of the input inside the layer (``pre_rmsnorm=False``: our mixer has none
 per-head output RMSNorm (``post_rmsnorm=True``); q/k RMSNorm (``qk_rmsnorm=True``, its nearest option
 to our L2 norm).
 
-What cannot be matched (spec titans.md §2.7, §3.3):
+What cannot be matched:
 
 * Retrieval: ours is per token, after the update that includes the token itself (dual form inside each
   chunk); the peer's is chunk-granular: token ``t`` reads the weights after ``⌊(t+1)/chunk⌋`` complete
@@ -65,7 +66,6 @@ from seqzoo.ops.neural_memory import RETRIEVALS
 
 MEMORIES = ("linear", "mlp")
 PEER_BATCH_SIZES = ("chunk", "none")
-TARGET_SPEEDUP, TARGET_MEM_RATIO = 3.0, 0.5
 
 NOTES = """\
 Peer: `titans_pytorch.NeuralMemory(dim, chunk_size=chunk, heads=heads, dim_head=dim // heads, activation=SiLU, \
@@ -76,7 +76,7 @@ mem_model_norm_add_residual=False`, mlp memory = its default (2-layer GELU MLP �
 Retrieval: the peer reads at chunk granularity; ours per token after the update unless `settings.retrieval` is \
 `chunk`. Not matchable: the peer pools η and α per chunk (ours per token), has no q/k/v short convs and L2 q/k (RMSNorm instead), and a per-head scalar output gate (ours \
 per channel). `speedup` = ours/peer fwd+bwd tokens/s (median repeats; `speedup_best`: fastest repeats), \
-`mem_ratio` = ours/peer peak memory; targets: speedup ≥ 3 and mem_ratio ≤ 0.5 at chunk 16.
+`mem_ratio` = ours/peer peak memory.
 """
 
 
@@ -229,23 +229,23 @@ def bench_titans(
                                 "ours_peak_mb": peak_mb["ours"],
                                 "peer_peak_mb": peak_mb[name],
                                 "mem_ratio": mem_ratio,
-                                "targets_met": bool(speedup >= TARGET_SPEEDUP and mem_ratio <= TARGET_MEM_RATIO),
                                 "ours_times_s": times["ours"],
                                 "peer_times_s": times[name],
                             }
                         )
                     del impls, runs
 
-    summary = {}
+    # The worst case of each peer configuration and chunk size over the grid.
+    summary: dict[str, dict[str, dict[str, float | int]]] = {}
     for peer in sorted({r["peer"] for r in rows}):
-        at16 = [r for r in rows if r["peer"] == peer and r["chunk"] == 16]
-        summary[peer] = {
-            "chunk16_rows": len(at16),
-            "chunk16_targets_met": sum(r["targets_met"] for r in at16),
-            "chunk16_min_speedup": min((r["speedup"] for r in at16), default=None),
-            "chunk16_min_speedup_best": min((r["speedup_best"] for r in at16), default=None),
-            "chunk16_max_mem_ratio": max((r["mem_ratio"] for r in at16), default=None),
-        }
+        for chunk in sorted({r["chunk"] for r in rows}):
+            at = [r for r in rows if r["peer"] == peer and r["chunk"] == chunk]
+            summary.setdefault(peer, {})[f"chunk{chunk}"] = {
+                "rows": len(at),
+                "min_speedup": min(r["speedup"] for r in at),
+                "min_speedup_best": min(r["speedup_best"] for r in at),
+                "max_mem_ratio": max(r["mem_ratio"] for r in at),
+            }
 
     def plot(ax):
         markers = {c: m for c, m in zip(sorted(set(chunks)), "os^vD<>p")}
@@ -272,11 +272,8 @@ def bench_titans(
         ax.set_xscale("log")
         ax.set_yscale("log")
         speedups, ratios = [r["speedup"] for r in rows], [r["mem_ratio"] for r in rows]
-        xlim = (min(speedups + [1 / TARGET_SPEEDUP]) / 1.5, max(speedups + [TARGET_SPEEDUP]) * 1.5)
-        ylim = (min(ratios + [TARGET_MEM_RATIO]) / 1.5, max(ratios + [1 / TARGET_MEM_RATIO]) * 1.5)
-        ax.fill_between(
-            [TARGET_SPEEDUP, xlim[1]], ylim[0], TARGET_MEM_RATIO, color="green", alpha=0.12, label="targets (≥3× faster, ≤½ memory)"
-        )
+        xlim = (min(speedups + [0.5]) / 1.5, max(speedups + [2.0]) * 1.5)
+        ylim = (min(ratios + [0.5]) / 1.5, max(ratios + [2.0]) * 1.5)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         ax.axvline(1.0, color="gray", lw=0.6)
@@ -305,7 +302,6 @@ def bench_titans(
         "ours_peak_mb",
         "peer_peak_mb",
         "mem_ratio",
-        "targets_met",
     ]
     paths = write_report(
         out_dir, "bench_titans", {"settings": settings, "notes": NOTES, "summary": summary}, rows, columns, plot,

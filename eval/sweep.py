@@ -1,4 +1,4 @@
-"""``seqzoo-eval mqar-sweep``: the recall–memory trade-off of Zoology / Based (``mqar.md`` setup (b)).
+"""``seqzoo-eval mqar-sweep``: the recall–memory trade-off of Zoology / Based (Zoology's recall-vs-state-size figure).
 
 For every named model config (and width), train on an MQAR data config with the repository's
 ``seqzoo.training.run`` (what ``python train.py`` runs, with the config groups installed in ``seqzoo.configs``), take the test accuracy per segment from that run's own test stage, and measure the state
@@ -77,7 +77,8 @@ def mqar_sweep(
     Returns the rows written to ``mqar_sweep.json``: ``model``, ``hidden_size``, ``params``, ``state_bytes``
     (at ``test_seq_len``), ``accuracy`` (pooled over the test mixture, Zoology's ``valid/accuracy``),
     ``acc/<segment>``, ``lr`` (the best one), ``steps``, ``train_examples``, ``wall_s`` (summed over the
-    learning rates tried), ``note`` (``"diverged: …"`` when an op refused NaN/Inf mid-training; its
+    learning rates tried), ``note`` (``"diverged: …"`` when the training loss became NaN or Inf, or an op refused NaN/Inf in
+    checking mode; its
     accuracies are then NaN and the sweep goes on). The JSON also keeps every run in ``runs`` (one entry per learning rate).
     """
     if not models:
@@ -155,9 +156,13 @@ def mqar_sweep(
                 try:
                     result = run(cfg, out_dir / "runs" / label)
                 except OpInputError as exc:
-                    # An op refusing NaN/Inf mid-training means this run diverged: a result, not a reason to
-                    # lose the rest of the sweep.
+                    # An op refusing NaN/Inf mid-training (in checking mode) means this run diverged: a result,
+                    # not a reason to lose the rest of the sweep.
                     result, note = {}, f"diverged: {exc}"
+                bad = next(((step, loss) for step, loss in result.get("losses", []) if not math.isfinite(loss)), None)
+                if bad is not None:
+                    # Outside checking mode a diverged run trains on with a NaN loss: the same verdict.
+                    result, note = {}, f"diverged: the training loss became {bad[1]} at step {bad[0]}"
                 wall = time.perf_counter() - start
 
                 model = LanguageModel(OmegaConf.to_container(cfg.model, resolve=True))

@@ -95,7 +95,7 @@ class Attention(TokenMixer):
         dropout: attention-probability dropout during training.
         qkv_bias: biases on the q/k/v projections.
         num_persistent: learned persistent K/V slots per KV head, visible to every query and never
-            windowed out (Titans' persistent memory, spec §2.3); parameter ``persistent``
+            windowed out (Titans' persistent memory, ``docs/titans.md``); parameter ``persistent``
             ``[2, num_kv_heads, num_persistent, head_dim]``, zero-initialised. Default: 0 (none).
         project_output: apply the output projection ``o_proj``; ``False`` (for use inside another layer
             that projects itself) returns ``[batch, seq, num_heads·head_dim]``. Default: True.

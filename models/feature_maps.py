@@ -80,7 +80,7 @@ class TaylorFeatureMap(FeatureMap):
         return 1 + self.dim + self.dim * (self.dim + 1) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The squared term grows fast; build it in at least fp32 (the spec's caveat for Based).
+        # The squared term grows fast (|q·k|² / 2 for unnormalised inputs): build it in at least fp32, never bf16.
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         linear = xf / self.dim**0.25
         quad = xf[..., self.rows] * xf[..., self.cols] * self.quad_weight.to(xf.dtype)

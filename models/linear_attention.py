@@ -17,7 +17,8 @@ from seqzoo.ops import simple_gla
 class LinearAttention(LinearMixer):
     """Causal linear attention ``o_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s`` on :func:`seqzoo.ops.simple_gla` with ``g=None``.
 
-    Normalisation (spec A19), one switch, ``normalize``:
+    Normalisation (papers and libraries disagree on whether "linear attention" divides by a normaliser), one
+    switch, ``normalize``:
       * ``False`` (default, as fla's ``LinearAttention`` layer and TransNormer): no denominator; each
         head's output goes through an RMSNorm. Works with any feature map, including ``identity``, whose
         kernel can be negative or zero, where a denominator would blow up.

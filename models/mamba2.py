@@ -27,7 +27,7 @@ class Mamba2(LinearMixer):
     ``B, C`` are shared by the ``n_groups`` groups of heads. Output ``out_proj(RMSNorm(y ⊙ silu(z)))``
     (Mamba-2's gated norm, gate before norm, normalised per group).
 
-    Inits (spec §5.5): ``A ~ U(a_init_range)`` (``A_log = log A``); ``dt ~ logU(dt_range)`` floored at
+    Inits (Mamba-2's, which Gated DeltaNet and MoM copy): ``A ~ U(a_init_range)`` (``A_log = log A``); ``dt ~ logU(dt_range)`` floored at
     ``dt_floor``, ``dt_bias = softplus⁻¹(dt)``; ``D = 1``. ``A_log``, ``dt_bias`` and ``D`` get no weight decay.
 
     Args:

@@ -1,12 +1,12 @@
 """Pure tensor functions shared by seqzoo's layers: reference loops, chunked PyTorch and Triton kernels.
 
 Conventions (see each function's docstring): ``[batch, seq, heads, dim]`` inputs, key-major fp32
-states ``[batch, heads, key_dim, value_dim]``, natural-log decay gates, ``backend="auto"`` picks Triton
-on CUDA and chunked PyTorch elsewhere.
+states ``[batch, heads, key_dim, value_dim]``, natural-log decay gates, one ``backend=`` vocabulary
+(:mod:`seqzoo.ops.core.dispatch`), value checks in :func:`checking` mode only (:mod:`seqzoo.ops.core.checks`).
 """
 
 from seqzoo.ops.affine_scan import affine_scan
-from seqzoo.ops.core import OpInputError
+from seqzoo.ops.core import OpInputError, checking, checks_enabled
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
 from seqzoo.ops.gla import gla
@@ -23,6 +23,8 @@ __all__ = [
     "ParaLSTM",
     "RecurrentCell",
     "affine_scan",
+    "checking",
+    "checks_enabled",
     "delta_rule",
     "gated_delta_rule",
     "gla",

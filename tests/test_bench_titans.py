@@ -89,7 +89,6 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
         "ours_peak_mb",
         "peer_peak_mb",
         "mem_ratio",
-        "targets_met",
     ]
     assert len(printed) == len(rows)
     for row, cells in zip(rows, printed):
@@ -101,7 +100,6 @@ def test_bench_titans_rows_match_the_printout_and_the_grid(fake_peer, fast_peak,
         assert row["speedup"] == pytest.approx(row["ours_tok_s"] / row["peer_tok_s"])
         assert row["speedup_best"] == pytest.approx(min(row["peer_times_s"]) / min(row["ours_times_s"]))
         assert row["mem_ratio"] == pytest.approx(row["ours_peak_mb"] / row["peer_peak_mb"])
-        assert row["targets_met"] == (row["speedup"] >= 3 and row["mem_ratio"] <= 0.5)
         assert row["ours_tok_s"] > 0 and row["peer_tok_s"] > 0
         assert len(row["ours_times_s"]) == len(row["peer_times_s"]) == 1
     # Per grid point: ours, then each peer, measured once; ours is shown beside each peer configuration.

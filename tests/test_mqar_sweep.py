@@ -135,3 +135,23 @@ def test_a_diverged_run_is_a_nan_row_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert diverged["note"] == "diverged: neural_memory: lr contains NaN or Inf"
     assert math.isnan(diverged["accuracy"]) and math.isnan(diverged["acc/seq16_kv2"])
     assert trained["note"] == "" and 0.0 <= trained["accuracy"] <= 1.0
+
+
+def test_a_nan_training_loss_marks_the_run_diverged(tmp_path, monkeypatch):
+    # Outside checking mode no op raises on NaN: the loss history is what shows a diverged run.
+    real_run = seqzoo.training.run
+
+    def run(cfg, output_dir):
+        result = real_run(cfg, output_dir)
+        result["losses"] = [(1, 2.0), (2, float("nan"))]
+        return result
+
+    monkeypatch.setattr(seqzoo.training, "run", run)
+    argv = [
+        "mqar-sweep", "--models", "attention", "--widths", "16", "--data", "mqar", "--steps", "2",
+        "--train-examples-scale", "0.5", "--max-seq-len", "32", "--batch-size", "8",
+        "--out", str(tmp_path), "--device", "cpu", "--override", *TINY,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads((tmp_path / "mqar_sweep.json").read_text())["rows"]
+    assert row["note"] == "diverged: the training loss became nan at step 2" and math.isnan(row["accuracy"])

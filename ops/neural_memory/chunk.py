@@ -2,7 +2,7 @@
 
 Inside a chunk of ``b`` tokens every gradient is taken at the chunk-start weights ``W0`` (and momentum
 ``S0``), so the momentum/forget recurrence is linear in the per-token gradients and has a closed form
-(spec titans.md §1.2–1.4). With chunk-local cumulative log gates ``A_t = Σ_{m≤t} log(1−α_m)`` and
+(unrolled below; ``docs/titans.md`` sets out the layers around it). With chunk-local cumulative log gates ``A_t = Σ_{m≤t} log(1−α_m)`` and
 ``H_t = Σ_{m≤t} log η_m``:
 
     Lβ[t,i] = exp(A_t − A_i),  Lη[i,j] = exp(H_i − H_j)   (lower triangular, inclusive)

@@ -2,7 +2,7 @@
 
 Both keep the recurrence channel-wise (recurrent weights are vectors) so that the exact Jacobian is
 diagonal or per-channel 2×2, and mix channels only in a block-diagonal multi-head input projection run
-once outside the Newton solve. Initialisation follows ml-pararnn (pararnn.md §1.4): recurrent vectors
+once outside the Newton solve. Initialisation follows Apple's ml-pararnn reference code: recurrent vectors
 ``N(0, (2/√(5N))²)``, xavier-uniform projection per head, zero biases except the first gate's
 ``−linspace(0, 1, N)``. The recurrent vectors pass through ``bound·tanh(raw/bound)`` (identity near 0,
 so the init is unchanged) which keeps ``|a| < bound``: bounded Jacobians keep Newton contracting.

@@ -161,7 +161,8 @@ def newton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(du, drec, dpeep, dinitial)`` at the solution ``h`` for the output gradient ``grad [batch, seq, S]``.
 
-    Implicit differentiation (``pararnn.md`` §1.6): ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` and the VJP of
+    Implicit differentiation at the solution (differentiating ``h_t − f(h_{t−1}, u_t) = 0``, so nothing from the
+    iterations is needed): ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` and the VJP of
     ``f(h_{t-1}, u_t)`` with ``λ_t``, in one reverse pass. ``du`` is shaped like ``u``, ``drec [3, N]``,
     ``dpeep [2, N]`` (``None`` for the GRU), ``dinitial [batch, S]`` when ``want_initial``. Same dtype and
     contiguity rules as :func:`newton_forward`.

@@ -1,4 +1,4 @@
-"""Titans neural memory op: the invariants of specs/titans.md §8.2 at op level.
+"""Titans neural memory op: its invariants at op level.
 
 The oracle is ``backend="reference"`` (a per-token loop whose inner gradients come from autograd at the
 chunk-start weights); I1, I3 and I6 also use tiny closed-form loops written here, so that no test

@@ -1,4 +1,5 @@
-"""ParaRNN Newton solver: the invariants of pararnn.md §1.11 on ParaGRU, ParaLSTM and a dense Elman cell."""
+"""ParaRNN Newton solver: its invariants (K = T iterations are exact, the first k + 1 states exact after k, the
+adjoint backward equals autograd through the loop, …) on ParaGRU, ParaLSTM and a dense Elman cell."""
 
 from __future__ import annotations
 
