@@ -56,11 +56,16 @@ def bench_mixers(
     device: str = "cpu",
     dtype: str = "float32",
     repeats: int = 3,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Forward, forward+backward and per-token decode throughput, peak memory and state bytes.
 
     Each mixer is measured at every sequence length next to :data:`BASELINE` (added if missing);
-    ``*_vs_attention`` columns are throughput ratios against it in the same run.
+    ``*_vs_attention`` columns are throughput ratios against it in the same run. ``compile=True`` also
+    times forward+backward of ``torch.compile(model, fullgraph=True)`` (Inductor; compiled once per mixer
+    and length, the compile time not counted): ``compiled_fwd_bwd_tok_s``, ``compile_speedup`` (compiled ÷
+    eager, same mixer) and ``compiled_vs_attention`` (compiled ÷ compiled attention), plus the graph breaks
+    ``torch._dynamo.explain`` finds.
     Writes ``bench.json``, ``bench.md`` and ``bench.png`` (fwd+bwd tokens/s against length).
     """
     if kind not in ("models", "layers"):
@@ -101,6 +106,18 @@ def bench_mixers(
             t_prefill = time_call(prefill_only, dev, repeats=repeats)
             t_decode = max(1e-9, time_call(decode, dev, repeats=repeats) - t_prefill)
             tokens = batch * seq
+            compiled_columns: dict[str, Any] = {}
+            if compile:
+                torch._dynamo.reset()
+                breaks = torch._dynamo.explain(module)(x).graph_break_count
+                compiled = torch.compile(module, fullgraph=True, dynamic=False)
+
+                def compiled_forward_backward() -> None:
+                    module.zero_grad(set_to_none=True)
+                    compiled(x).float().square().mean().backward()
+
+                t_compiled = time_call(compiled_forward_backward, dev, warmup=2, repeats=repeats)
+                compiled_columns = {"graph_breaks": breaks, "compiled_fwd_bwd_tok_s": tokens / t_compiled, "compile_speedup": t_fb / t_compiled}
             rows.append(
                 {
                     "mixer": name,
@@ -110,12 +127,15 @@ def bench_mixers(
                     "decode_tok_s": batch * decode_tokens / t_decode,
                     "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
                     "state_bytes": module.state_size(batch=batch, seq_len=seq),
+                    **compiled_columns,
                 }
             )
     base = {r["seq_len"]: r for r in rows if r["mixer"] == BASELINE}
     for r in rows:
         for key in ("fwd_tok_s", "fwd_bwd_tok_s", "decode_tok_s"):
             r[f"{key.removesuffix('_tok_s')}_vs_attention"] = r[key] / base[r["seq_len"]][key]
+        if compile:
+            r["compiled_vs_attention"] = r["compiled_fwd_bwd_tok_s"] / base[r["seq_len"]]["compiled_fwd_bwd_tok_s"]
 
     def plot(ax):
         for name in names:
@@ -151,6 +171,9 @@ def bench_mixers(
         "fwd_bwd_vs_attention",
         "decode_vs_attention",
     ]
+    if compile:
+        columns += ["graph_breaks", "compiled_fwd_bwd_tok_s", "compile_speedup", "compiled_vs_attention"]
+    settings["threads"] = torch.get_num_threads()
     write_report(
         out_dir,
         "bench",

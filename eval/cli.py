@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="models/layers: also time torch.compile(fullgraph=True) fwd+bwd and count graph breaks (compiles once per mixer and length)",
+    )
     bench.add_argument("--skip-reference-above", type=int, default=4096, help="ops: skip the token-loop reference beyond this length")
     bench.add_argument("--dims", nargs="+", type=int, default=[64, 128, 256], help="titans: model widths")
     bench.add_argument("--chunks", nargs="+", type=int, default=[16, 64], help="titans: memory chunk sizes")
@@ -350,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.device,
                 args.dtype,
                 args.repeats,
+                args.compile,
             )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"seqzoo-eval: error: {exc}", file=sys.stderr)
