@@ -94,14 +94,23 @@ class ShortConvolution(nn.Module):
         self.activation = _activation(activation)
 
     def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor | None = None, output_state: bool = False
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        output_state: bool = False,
+        offsets: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Convolve ``x: [batch, seq, channels]``.
 
         ``conv_state: [batch, kernel_size-1, channels]`` holds the inputs before ``x`` (zeros if ``None``).
+        With ``offsets`` (host copy of ``cu_seqlens``, ``[num_seqs + 1]``; ``batch == 1``) the sequences packed
+        along ``seq`` are convolved separately: a tap never reads across a boundary, and ``conv_state`` and
+        the new state are ``[num_seqs, kernel_size-1, channels]``, one per sequence.
         Returns ``(y [batch, seq, channels], new_state or None)``; the new state is the last
         ``kernel_size-1`` inputs, ready for the next call.
         """
+        if offsets is not None:
+            return self._forward_packed(x, conv_state, output_state, offsets)
         batch, seq, channels = x.shape
         keep = self.kernel_size - 1
         if conv_state is None:
@@ -118,6 +127,50 @@ class ShortConvolution(nn.Module):
             recent = torch.cat([conv_state, x[:, max(0, seq - keep) :]], dim=1)
             # A compact copy: the state owns its kernel_size − 1 rows and shares no buffer with this call.
             new_state = recent[:, recent.shape[1] - keep :].clone()
+        return y, new_state
+
+    def _forward_packed(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None, output_state: bool, offsets: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` on packed sequences: every tap reads through a gather that stops at its sequence's start.
+
+        The rows a tap may read are stacked as ``[zero row; each sequence's conv_state rows; x]``; for each
+        shift and token, the index points at the token ``shift`` steps back if it is in the same sequence,
+        else at that sequence's state row (or the zero row without a state).
+        """
+        keep, seq, channels = self.kernel_size - 1, x.shape[1], x.shape[2]
+        num_seqs = len(offsets) - 1
+        if conv_state is not None:
+            states = conv_state.to(x.dtype).reshape(num_seqs * keep, channels)
+        else:
+            states = x.new_zeros(0, channels)
+        source = torch.cat([x.new_zeros(1, channels), states, x[0]])
+        x_base = 1 + states.shape[0]
+
+        bounds = torch.tensor(offsets, device=x.device)
+        lengths = bounds[1:] - bounds[:-1]
+        seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths)
+
+        def rows(seq_of: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            """Source row of input position ``p`` as seen from sequence ``seq_of`` (same shapes)."""
+            bos = bounds[seq_of]
+            before = (1 + seq_of * keep + keep - (bos - p)) if conv_state is not None else torch.zeros_like(p)
+            return torch.where(p >= bos, x_base + p, before)
+
+        t = torch.arange(seq, device=x.device)
+        index = torch.stack([rows(seq_id, t - s) for s in range(1, keep + 1)])  # [keep, seq]: x_{t - s}
+        weight = self.conv.weight[:, 0].to(x.dtype)  # [channels, taps]; tap j multiplies x_{t - (keep - j)}
+        y = x[0] * weight[:, keep]
+        for s in range(1, keep + 1):
+            y = torch.addcmul(y, source[index[s - 1]], weight[:, keep - s])
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.to(x.dtype)
+        y = self.activation(y)[None]
+        new_state = None
+        if output_state:
+            seqs = torch.arange(num_seqs, device=x.device)[:, None].expand(num_seqs, keep)
+            last = bounds[1:, None] - keep + torch.arange(keep, device=x.device)[None, :]  # [num_seqs, keep]
+            new_state = source[rows(seqs, last)].clone()
         return y, new_state
 
     def _convolve(self, conv_state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

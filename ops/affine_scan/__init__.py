@@ -21,8 +21,19 @@ import math
 import torch
 
 from seqzoo.ops.affine_scan.chunked import AffineScanFunction, adjoint_coeff, scan_torch
-from seqzoo.ops.affine_scan.reference import affine_scan_reference
-from seqzoo.ops.core import check_float, check_positive_int, check_shape, choose_backend, compute_dtype, fail, needs_grad
+from seqzoo.ops.affine_scan.reference import affine_scan_reference, apply_coeff
+from seqzoo.ops.core import (
+    ChunkLayout,
+    autocast_off,
+    check_cu_seqlens,
+    check_float,
+    check_positive_int,
+    check_shape,
+    choose_backend,
+    compute_dtype,
+    fail,
+    needs_grad,
+)
 
 __all__ = ["affine_scan", "adjoint_coeff", "scan_structure"]
 
@@ -48,6 +59,7 @@ def scan_structure(a: torch.Tensor, b: torch.Tensor) -> str:
     raise AssertionError  # unreachable
 
 
+@autocast_off
 def affine_scan(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -56,6 +68,7 @@ def affine_scan(
     reverse: bool = False,
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Solve ``h_t = a_t h_{t∓1} + b_t`` for every ``t`` in parallel (see the module docstring).
@@ -69,6 +82,8 @@ def affine_scan(
         reverse: run from the end, ``h_t = a_t h_{t+1} + b_t``.
         output_final_state: also return the last state produced (``h[:, -1]``, or ``h[:, 0]`` reversed).
         chunk_size: chunk length of the PyTorch scan / time tile of the Triton kernel (power of two there).
+        cu_seqlens: ``[num_seqs + 1]`` offsets of sequences packed along ``seq`` (then ``batch == 1``): each is
+            scanned on its own, from its own ``initial[i]`` (``initial``, ``final``: ``[num_seqs, ...]``).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"reference"``, ``"torch"``, ``"triton"``.
 
     Returns:
@@ -82,7 +97,8 @@ def affine_scan(
     check_float(_OP, "initial", initial)
     structure = scan_structure(a, b)
     batch, seq = b.shape[:2]
-    state_shape = (batch, *b.shape[2:])
+    num_states = check_cu_seqlens(_OP, cu_seqlens, batch, seq)
+    state_shape = (num_states, *b.shape[2:])
     check_shape(_OP, "initial", initial, state_shape)
     if seq == 0:
         fail(_OP, "seq must be at least 1")
@@ -99,16 +115,39 @@ def affine_scan(
     tail = () if structure == "diag" else (2,)
     af = a.to(compute).reshape(batch, seq, channels, *tail, *tail)
     bf = b.to(compute).reshape(batch, seq, channels, *tail)
-    h0 = None if initial is None else initial.to(compute).reshape(batch, channels, *tail)
+    h0 = None if initial is None else initial.to(compute).reshape(num_states, channels, *tail)
 
-    if impl == "reference":
+    if cu_seqlens is not None:
+        layout = ChunkLayout.build(batch, seq, chunk_size, cu_seqlens, a.device, op=_OP)
+        starts = torch.tensor(layout.offsets[:-1], device=a.device)
+        ends = torch.tensor(layout.offsets[1:], device=a.device) - 1
+        first = ends if reverse else starts  # the first step each sequence takes
+    if impl == "reference" and cu_seqlens is not None:
+        pieces = []
+        for i, (bos, eos) in enumerate(zip(layout.offsets[:-1], layout.offsets[1:])):
+            init_i = None if h0 is None else h0[i : i + 1]
+            pieces.append(affine_scan_reference(af[:, bos:eos], bf[:, bos:eos], init_i, structure, reverse))
+        h = torch.cat(pieces, dim=1)
+    elif impl == "reference":
         h = affine_scan_reference(af, bf, h0, structure, reverse)
     else:
+        if cu_seqlens is not None:
+            # One scan over the packed row, cut at every boundary: the first step of each sequence ignores the
+            # state before it (a = 0 there) and takes its own initial state through b (b += a·initial).
+            if h0 is not None:
+                bf = bf.index_add(1, first, apply_coeff(structure, af[:, first], h0[None]))
+            af = af.index_fill(1, first, 0.0)
+            h0 = None
         if impl == "triton":
             from seqzoo.ops.affine_scan.triton_scan import scan_triton as core
         else:
             core = scan_torch
         h = AffineScanFunction.apply(af, bf, h0, structure, reverse, chunk_size, core)
     h = h.reshape(b.shape).to(out_dtype)
-    final = (h[:, 0] if reverse else h[:, -1]) if output_final_state else None
+    final = None
+    if output_final_state:
+        if cu_seqlens is None:
+            final = h[:, 0] if reverse else h[:, -1]
+        else:
+            final = h[0, starts if reverse else ends]
     return h, final

@@ -30,7 +30,7 @@ from seqzoo.ops.core.checks import (
     checks_enabled,
     fail,
 )
-from seqzoo.ops.core.chunks import ChunkLayout, scan_chunks
+from seqzoo.ops.core.chunks import ChunkLayout, packed_to_padded, padded_to_packed, scan_chunks
 from seqzoo.ops.core.dispatch import (
     BACKENDS,
     CPU_STEP_MAX_SEQ,
@@ -43,9 +43,10 @@ from seqzoo.ops.core.dispatch import (
     on_cuda,
     require_triton,
 )
-from seqzoo.ops.core.precision import compute_dtype, dot_precision, kernel_input
+from seqzoo.ops.core.precision import autocast_off, compute_dtype, dot_precision, kernel_input
 
 __all__ = [
+    "autocast_off",
     "BACKENDS",
     "CPU_STEP_MAX_SEQ",
     "ChunkLayout",
@@ -75,6 +76,8 @@ __all__ = [
     "kernel_input",
     "needs_grad",
     "on_cuda",
+    "packed_to_padded",
+    "padded_to_packed",
     "require_triton",
     "scan_chunks",
 ]

@@ -200,3 +200,24 @@ def scan_chunks(
             state = step(n, state)
         finals.append(state)
     return entering, (finals[0] if len(finals) == 1 else torch.cat(finals, dim=0))
+
+
+def packed_to_padded(x: torch.Tensor, offsets: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """``[1, total, *d]`` sequences packed at ``offsets`` → ``[num_seqs, max_len, *d]``, zero-padded at the end.
+
+    For ops whose kernels take a dense batch and whose outputs at a position depend only on earlier
+    positions: the padding comes after each sequence, so it changes none of its outputs.
+    """
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    width = max(lengths)
+    index = torch.tensor([[a + j if j < n else offsets[-1] for j in range(width)] for a, n in zip(offsets[:-1], lengths)], device=x.device)
+    source = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])  # row ``total`` is the zero padding
+    return source[index]
+
+
+def padded_to_packed(y: torch.Tensor, offsets: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of :func:`packed_to_padded`: ``[num_seqs, max_len, *d]`` → ``[1, total, *d]``, padding dropped."""
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    rows = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=y.device)
+    cols = torch.tensor([j for n in lengths for j in range(n)], device=y.device)
+    return y[rows, cols][None]

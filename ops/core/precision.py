@@ -19,9 +19,16 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 
 from seqzoo.ops.core.dispatch import TRITON_INTERPRET
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -41,3 +48,22 @@ def kernel_input(t: torch.Tensor | None) -> torch.Tensor | None:
     if TRITON_INTERPRET and t.dtype == torch.bfloat16:
         t = t.float()
     return t.contiguous()
+
+
+def autocast_off(op: Callable[P, R]) -> Callable[P, R]:
+    """Run ``op`` with autocast switched off on its tensors' device (a decorator for every public op).
+
+    Under ``torch.autocast`` a matmul inside an op would run in bf16 whatever :func:`compute_dtype` asked
+    for, and the chunked delta rule's triangular solve has no bf16 kernel at all. The op already computes
+    in fp32 and returns the input's dtype, which is what autocast wants of it.
+    """
+
+    @functools.wraps(op)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        device = next((t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):
+            return op(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return op(*args, **kwargs)
+
+    return wrapper

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from seqzoo.ops.core import autocast_off
 from seqzoo.ops.gated_delta_rule import BACKENDS, run_delta_rule
 
 __all__ = ["BACKENDS", "delta_rule"]
 
 
+@autocast_off
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import check_linear_inputs, choose_backend, fail, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, needs_grad
 from seqzoo.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from seqzoo.ops.gated_delta_rule.reference import gated_delta_rule_reference
 from seqzoo.ops.utils import default_scale
@@ -62,6 +62,7 @@ def run_delta_rule(
     return (kernels.fused_recurrent_gated_delta_rule if impl == "fused" else kernels.chunk_gated_delta_rule_triton)(*args)
 
 
+@autocast_off
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

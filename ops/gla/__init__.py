@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import check_linear_inputs, choose_backend, fail, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, needs_grad
 from seqzoo.ops.gla.chunk import gla_chunk
 from seqzoo.ops.gla.reference import gla_reference
 
@@ -19,6 +19,7 @@ __all__ = ["gla", "gla_chunk", "gla_reference"]
 BACKENDS = ("reference", "torch", "triton", "fused")
 
 
+@autocast_off
 def gla(
     q: torch.Tensor,
     k: torch.Tensor,

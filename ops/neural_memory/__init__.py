@@ -25,7 +25,10 @@ from __future__ import annotations
 import torch
 
 from seqzoo.ops.core import (
+    ChunkLayout,
+    autocast_off,
     check_choice,
+    check_cu_seqlens,
     check_finite,
     check_float,
     check_positive_int,
@@ -109,6 +112,7 @@ def _initial_state(
     return MLPMemoryState(*(t.to(dtype) for t in initial_state))
 
 
+@autocast_off
 def neural_memory(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +132,7 @@ def neural_memory(
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
     retrieval: str = "token",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState | None]:
     """Titans neural long-term memory: write ``(k, v)`` by gradient steps with momentum and forgetting, read ``q``.
 
@@ -158,11 +163,36 @@ def neural_memory(
             token, which sees its own chunk (a partial final chunk's tokens never do). Cheaper reads, coarser
             memory; the writes and the final state are the same in both.
 
+        cu_seqlens: ``[num_seqs + 1]`` offsets of sequences packed along ``seq`` (``batch == 1``): each is its own
+            memory, from ``initial_state[i]`` (every state field ``[num_seqs, …]``), with chunks counted from its
+            own first token. Run as one call per sequence: the chunk recurrence is sequential anyway, so the
+            loop adds a per-sequence setup, not a per-token cost.
+
     Returns:
         ``(o, final_state)``: ``o: [batch, seq, heads, value_dim]`` in q's dtype; the final state in fp32
         (fp64 for fp64 inputs), of the same kind as ``initial_state``, or ``None``.
     """
     batch, seq, heads, key_dim, value_dim = check_qkv(_OP, q, k, v)
+    if cu_seqlens is not None:
+        num_seqs = check_cu_seqlens(_OP, cu_seqlens, batch, seq)
+        offsets = ChunkLayout.build(
+            batch, seq, chunk_size if isinstance(chunk_size, int) and chunk_size > 0 else 1, cu_seqlens, q.device, op=_OP
+        ).offsets
+        if initial_state is not None and (isinstance(initial_state, torch.Tensor) or any(t.shape[0] != num_seqs for t in initial_state)):
+            fail(_OP, f"with cu_seqlens every initial_state field has one row per sequence ({num_seqs})")
+        options = dict(
+            chunk_size=chunk_size, memory=memory, output_final_state=True, backend=backend, mlp_activation=mlp_activation,
+            mlp_residual_norm=mlp_residual_norm, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, retrieval=retrieval,
+        )  # fmt: skip
+        outs, finals = [], []
+        for i, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:])):
+            piece = [None if t is None else t[:, bos:eos] for t in (q, k, v, lr, momentum, decay)]
+            init_i = None if initial_state is None else type(initial_state)(*(t[i : i + 1] for t in initial_state))
+            o_i, final_i = neural_memory(*piece, initial_state=init_i, **options)
+            outs.append(o_i)
+            finals.append(final_i)
+        final = type(finals[0])(*(torch.cat(parts) for parts in zip(*finals))) if output_final_state else None
+        return torch.cat(outs, dim=1), final
     gate_shape = (batch, seq, heads)
     if lr is None:
         fail(_OP, "lr (the inner learning rate θ) is required")

@@ -13,7 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import HAS_TRITON, check_backend, check_float, check_shape, fail, on_cuda, require_triton
+from seqzoo.ops.core import (
+    HAS_TRITON,
+    ChunkLayout,
+    autocast_off,
+    check_backend,
+    check_cu_seqlens,
+    check_float,
+    check_shape,
+    fail,
+    on_cuda,
+    packed_to_padded,
+    padded_to_packed,
+    require_triton,
+)
 from seqzoo.ops.pararnn.cell import STRUCTURES, RecurrentCell, autograd_jacobian
 from seqzoo.ops.pararnn.cells import ParaGRU, ParaLSTM, bounded
 from seqzoo.ops.pararnn.solver import (
@@ -52,6 +65,7 @@ _OP = "pararnn"
 BACKENDS = ("reference", "torch", "triton", "fused", "cpp")
 
 
+@autocast_off
 def pararnn(
     cell: RecurrentCell,
     x: torch.Tensor,
@@ -66,6 +80,7 @@ def pararnn(
     output_final_state: bool = False,
     return_info: bool = False,
     chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Apply ``cell`` to a sequence: ``h_t = f(h_{t-1}, u_t)`` with ``u = cell.prepare(x)``.
 
@@ -90,6 +105,10 @@ def pararnn(
         return_info: also return a :class:`NewtonInfo` (iterations, residual per iterate: a host sync each;
             ``None`` for ``reference``; for the fused kernels only the final residual, with ``check_residual``).
         chunk_size: time tile of the fused Triton kernels (rounded up to a power of two; ``None``: their default).
+        cu_seqlens: ``[num_seqs + 1]`` offsets of sequences packed along ``seq`` (``batch == 1``): each restarts
+            from its own ``initial[i]`` (``initial``, ``final``: ``[num_seqs, S]``). ``reference`` loops over them;
+            the other backends run them as a zero-padded batch ``[num_seqs, longest, …]`` (the padding follows
+            each sequence, so it changes none of its states; it costs the padded work).
 
     Returns:
         ``(y, final)`` or ``(y, final, info)``: ``y = cell.output(H)`` (``[batch, seq, N]``), ``final`` the full
@@ -103,7 +122,8 @@ def pararnn(
     if x.dim() < 3 or x.shape[1] == 0:
         fail(_OP, f"x must be [batch, seq, input] with seq >= 1, got shape {tuple(x.shape)}")
     check_float(_OP, "initial", initial)
-    check_shape(_OP, "initial", initial, (x.shape[0], cell.state_size))
+    num_states = check_cu_seqlens(_OP, cu_seqlens, x.shape[0], x.shape[1])
+    check_shape(_OP, "initial", initial, (num_states, cell.state_size))
     if init_guess not in ("f0", "zeros"):
         fail(_OP, f"init_guess must be 'f0' or 'zeros', got {init_guess!r}")
     if not isinstance(max_iters, int) or max_iters < 0:
@@ -113,17 +133,33 @@ def pararnn(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         fail(_OP, f"chunk_size must be a positive int or None, got {chunk_size!r}")
     impl = resolve_backend(cell, backend, x, initial, tol)
-
-    u = cell.prepare(x)
+    config = NewtonConfig(max_iters, float(omega), init_guess, tol, impl, check_residual, chunk_size)
     info = NewtonInfo() if return_info and impl != "reference" else None
-    if impl == "reference":
-        h = sequential_apply(cell, u, initial)
+    if cu_seqlens is None:
+        h = _solve(cell, x, initial, impl, config, info)
+        final = h[:, -1] if output_final_state else None
     else:
-        config = NewtonConfig(max_iters, float(omega), init_guess, tol, impl, check_residual, chunk_size)
-        h = (fused_apply if impl in ("fused", "cpp") else parallel_apply)(cell, u, initial, config, info)
+        offsets = ChunkLayout.build(1, x.shape[1], 1, cu_seqlens, x.device, op=_OP).offsets
+        if impl == "reference":
+            pieces = [x[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            hs = [_solve(cell, p, None if initial is None else initial[i : i + 1], impl, config, None) for i, p in enumerate(pieces)]
+            h = torch.cat(hs, dim=1)
+            final = torch.cat([h_i[:, -1] for h_i in hs]) if output_final_state else None
+        else:
+            padded = _solve(cell, packed_to_padded(x, offsets), initial, impl, config, info)
+            h = padded_to_packed(padded, offsets)
+            lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])], device=x.device)
+            final = padded[torch.arange(len(lengths), device=x.device), lengths - 1] if output_final_state else None
     y = cell.output(h)
-    final = h[:, -1] if output_final_state else None
     return (y, final, info) if return_info else (y, final)
+
+
+def _solve(cell: RecurrentCell, x: torch.Tensor, initial: torch.Tensor | None, impl: str, config: NewtonConfig, info: NewtonInfo | None):
+    """The states ``H [batch, seq, S]`` of ``cell`` on ``x [batch, seq, input]`` with the resolved backend ``impl``."""
+    u = cell.prepare(x)
+    if impl == "reference":
+        return sequential_apply(cell, u, initial)
+    return (fused_apply if impl in ("fused", "cpp") else parallel_apply)(cell, u, initial, config, info)
 
 
 def resolve_backend(

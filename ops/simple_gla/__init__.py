@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import check_linear_inputs, choose_backend, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, needs_grad
 from seqzoo.ops.simple_gla.chunk import simple_gla_chunk
 from seqzoo.ops.simple_gla.reference import simple_gla_reference
 
@@ -19,6 +19,7 @@ __all__ = ["simple_gla", "simple_gla_chunk", "simple_gla_reference"]
 BACKENDS = ("reference", "torch", "triton", "fused")
 
 
+@autocast_off
 def simple_gla(
     q: torch.Tensor,
     k: torch.Tensor,
