@@ -105,7 +105,7 @@ def affine_scan(
         h = affine_scan_reference(af, bf, h0, structure, reverse)
     else:
         if impl == "triton":
-            from seqzoo.ops.affine_scan.triton_scan import scan_triton as core
+            from seqzoo.ops.affine_scan.triton_scan import affine_scan_triton as core
         else:
             core = scan_torch
         h = AffineScanFunction.apply(af, bf, h0, structure, reverse, chunk_size, core)
