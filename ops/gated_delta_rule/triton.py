@@ -288,6 +288,105 @@ def _tuned_by_key_dim(kernel) -> tuple:
     )
 
 
+# The state kernels hold the whole key dimension (v' = u − w h needs all of it at once) as up to four BK-row
+# tiles b_1 … b_4; tiles past K stay zero and are never loaded, stored or multiplied.
+
+
+@triton.jit
+def _load_tiles(p, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr):
+    """The ``[K, BV]`` slice of the ``[K, V]`` matrix at ``p`` as four ``[BK, BV]`` key tiles."""
+    o_k = tl.arange(0, BK)
+    b_1 = load_state(p, o_k, o_k < K, o_v, m_v, V, ACC)
+    b_2 = tl.zeros([BK, BV], dtype=ACC)
+    b_3 = tl.zeros([BK, BV], dtype=ACC)
+    b_4 = tl.zeros([BK, BV], dtype=ACC)
+    if K > BK:
+        b_2 = load_state(p, o_k + BK, o_k + BK < K, o_v, m_v, V, ACC)
+    if K > 2 * BK:
+        b_3 = load_state(p, o_k + 2 * BK, o_k + 2 * BK < K, o_v, m_v, V, ACC)
+    if K > 3 * BK:
+        b_4 = load_state(p, o_k + 3 * BK, o_k + 3 * BK < K, o_v, m_v, V, ACC)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
+def _store_tiles(p, b_1, b_2, b_3, b_4, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """Store four key tiles as the ``[K, BV]`` slice of the ``[K, V]`` matrix at ``p``."""
+    o_k = tl.arange(0, BK)
+    store_state(p, b_1, o_k, o_k < K, o_v, m_v, V)
+    if K > BK:
+        store_state(p, b_2, o_k + BK, o_k + BK < K, o_v, m_v, V)
+    if K > 2 * BK:
+        store_state(p, b_3, o_k + 2 * BK, o_k + 2 * BK < K, o_v, m_v, V)
+    if K > 3 * BK:
+        store_state(p, b_4, o_k + 3 * BK, o_k + 3 * BK < K, o_v, m_v, V)
+
+
+@triton.jit
+def _rows_times_tiles(
+    b_acc,
+    x,
+    row_scale,
+    b_1,
+    b_2,
+    b_3,
+    b_4,
+    bos,
+    o_t,
+    m_t,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    i_h,
+    BK: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``b_acc + Σ_j (x_j ⊙ row_scale) b_j``: rows ``o_t`` of a ``[tokens, H, K]`` tensor times a state held in key tiles."""
+    o_k = tl.arange(0, BK)
+    b_acc += tl.dot(load_rows(x, bos, o_t, m_t, o_k, o_k < K, H, K, i_h, ACC) * row_scale[:, None], b_1, input_precision=PRECISION)
+    if K > BK:
+        b_x = load_rows(x, bos, o_t, m_t, o_k + BK, o_k + BK < K, H, K, i_h, ACC)
+        b_acc += tl.dot(b_x * row_scale[:, None], b_2, input_precision=PRECISION)
+    if K > 2 * BK:
+        b_x = load_rows(x, bos, o_t, m_t, o_k + 2 * BK, o_k + 2 * BK < K, H, K, i_h, ACC)
+        b_acc += tl.dot(b_x * row_scale[:, None], b_3, input_precision=PRECISION)
+    if K > 3 * BK:
+        b_x = load_rows(x, bos, o_t, m_t, o_k + 3 * BK, o_k + 3 * BK < K, H, K, i_h, ACC)
+        b_acc += tl.dot(b_x * row_scale[:, None], b_4, input_precision=PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _step_tile(
+    b_h, J: tl.constexpr, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H: tl.constexpr, K: tl.constexpr, i_h, BK: tl.constexpr,
+    SUB_Z: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``J`` of one recurrence step: ``decay·h + (x ⊙ x_scale)ᵀ y``, minus ``zᵀ b_z`` with ``SUB_Z``."""
+    o_k = J * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_xt = load_cols(x, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC) * x_scale[None, :]
+    b_h = state_update(b_h, decay, b_xt, b_y, PRECISION)
+    if SUB_Z:
+        b_h -= tl.dot(load_cols(z, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC), b_z, input_precision=PRECISION)
+    return b_h
+
+
+@triton.jit
+def _step_tiles(
+    b_1, b_2, b_3, b_4, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H: tl.constexpr, K: tl.constexpr, i_h, BK: tl.constexpr,
+    SUB_Z: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """:func:`_step_tile` on every key tile: the shared ``state_update`` step, plus the delta rule's ``− zᵀ b_z``."""
+    b_1 = _step_tile(b_1, 0, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H, K, i_h, BK, SUB_Z, ACC, PRECISION)
+    if K > BK:
+        b_2 = _step_tile(b_2, 1, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H, K, i_h, BK, SUB_Z, ACC, PRECISION)
+    if K > 2 * BK:
+        b_3 = _step_tile(b_3, 2, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H, K, i_h, BK, SUB_Z, ACC, PRECISION)
+    if K > 3 * BK:
+        b_4 = _step_tile(b_4, 3, decay, x, x_scale, b_y, z, b_z, bos, o_t, m_t, H, K, i_h, BK, SUB_Z, ACC, PRECISION)
+    return b_1, b_2, b_3, b_4
+
+
 @triton.jit(do_not_specialize=["T"])
 def _state_fwd_kernel(
     k,
@@ -314,47 +413,26 @@ def _state_fwd_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Walk a sequence's chunks in order: store ``h`` entering each chunk, then ``v' = u − w h``, then the step."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len, boh = seq_coords(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    # The full key dimension lives in up to four BK-row tiles: v' = u − w h needs all of it at once.
-    o_k1 = tl.arange(0, BK)
-    o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK
-    m_k1, m_k2, m_k3, m_k4 = o_k1 < K, o_k2 < K, o_k3 < K, o_k4 < K
     b_h1 = tl.zeros([BK, BV], dtype=ACC)
     b_h2 = tl.zeros([BK, BV], dtype=ACC)
     b_h3 = tl.zeros([BK, BV], dtype=ACC)
     b_h4 = tl.zeros([BK, BV], dtype=ACC)
     if USE_H0:
-        p_h0 = h0 + i_nh.to(tl.int64) * K * V
-        b_h1 = load_state(p_h0, o_k1, m_k1, o_v, m_v, V, ACC)
-        if K > BK:
-            b_h2 = load_state(p_h0, o_k2, m_k2, o_v, m_v, V, ACC)
-        if K > 2 * BK:
-            b_h3 = load_state(p_h0, o_k3, m_k3, o_v, m_v, V, ACC)
-        if K > 3 * BK:
-            b_h4 = load_state(p_h0, o_k4, m_k4, o_v, m_v, V, ACC)
+        b_h1, b_h2, b_h3, b_h4 = _load_tiles(h0 + i_nh.to(tl.int64) * K * V, o_v, m_v, K, V, BK, BV, ACC)
+    ones = tl.full([BT], 1.0, dtype=ACC)
     for i_t in range(tl.cdiv(seq_len, BT)):
-        p_h = h + ((boh + i_t) * H + i_h) * K * V
-        store_state(p_h, b_h1, o_k1, m_k1, o_v, m_v, V)
-        if K > BK:
-            store_state(p_h, b_h2, o_k2, m_k2, o_v, m_v, V)
-        if K > 2 * BK:
-            store_state(p_h, b_h3, o_k3, m_k3, o_v, m_v, V)
-        if K > 3 * BK:
-            store_state(p_h, b_h4, o_k4, m_k4, o_v, m_v, V)
+        _store_tiles(h + ((boh + i_t) * H + i_h) * K * V, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < seq_len
+        # u − w h as u + (−w) h: the same numbers, one helper for every "rows times key tiles" product.
         b_v = load_rows(u, bos, o_t, m_t, o_v, m_v, H, V, i_h, ACC)
-        b_v -= tl.dot(load_rows(w, bos, o_t, m_t, o_k1, m_k1, H, K, i_h, ACC), b_h1, input_precision=PRECISION)
-        if K > BK:
-            b_v -= tl.dot(load_rows(w, bos, o_t, m_t, o_k2, m_k2, H, K, i_h, ACC), b_h2, input_precision=PRECISION)
-        if K > 2 * BK:
-            b_v -= tl.dot(load_rows(w, bos, o_t, m_t, o_k3, m_k3, H, K, i_h, ACC), b_h3, input_precision=PRECISION)
-        if K > 3 * BK:
-            b_v -= tl.dot(load_rows(w, bos, o_t, m_t, o_k4, m_k4, H, K, i_h, ACC), b_h4, input_precision=PRECISION)
+        b_v = _rows_times_tiles(b_v, w, -ones, b_h1, b_h2, b_h3, b_h4, bos, o_t, m_t, H, K, i_h, BK, ACC, PRECISION)
         store_rows(v_new, b_v, bos, o_t, m_t, o_v, m_v, H, V, i_h)
         decay = 1.0
         if G_MODE == 1:
@@ -364,53 +442,16 @@ def _state_fwd_kernel(
             # Scaling the rows of v' by e^{b_C − b} is the same as scaling K, and cheaper.
             b_v = b_v * tl.exp(tl.where(m_t, g_last - b_g, float("-inf")))[:, None]
             decay = tl.exp(g_last)
-        b_h1 = state_update(b_h1, decay, load_cols(k, bos, o_t, m_t, o_k1, m_k1, H, K, i_h, ACC), b_v, PRECISION)
-        if K > BK:
-            b_h2 = state_update(b_h2, decay, load_cols(k, bos, o_t, m_t, o_k2, m_k2, H, K, i_h, ACC), b_v, PRECISION)
-        if K > 2 * BK:
-            b_h3 = state_update(b_h3, decay, load_cols(k, bos, o_t, m_t, o_k3, m_k3, H, K, i_h, ACC), b_v, PRECISION)
-        if K > 3 * BK:
-            b_h4 = state_update(b_h4, decay, load_cols(k, bos, o_t, m_t, o_k4, m_k4, H, K, i_h, ACC), b_v, PRECISION)
+        b_h1, b_h2, b_h3, b_h4 = _step_tiles(
+            b_h1, b_h2, b_h3, b_h4, decay, k, ones, b_v, None, None, bos, o_t, m_t, H, K, i_h, BK, False, ACC, PRECISION
+        )
     if STORE_HT:
-        p_ht = ht + i_nh.to(tl.int64) * K * V
-        store_state(p_ht, b_h1, o_k1, m_k1, o_v, m_v, V)
-        if K > BK:
-            store_state(p_ht, b_h2, o_k2, m_k2, o_v, m_v, V)
-        if K > 2 * BK:
-            store_state(p_ht, b_h3, o_k3, m_k3, o_v, m_v, V)
-        if K > 3 * BK:
-            store_state(p_ht, b_h4, o_k4, m_k4, o_v, m_v, V)
+        _store_tiles(ht + i_nh.to(tl.int64) * K * V, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dh_tile_update(
-    b_dh,
-    b_dv,
-    b_do,
-    q,
-    w,
-    bos,
-    o_t,
-    m_t,
-    o_k,
-    m_k,
-    b_qscale,
-    decay,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    i_h,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dS ← e^{b_C} dS + (q ⊙ scale e^b)ᵀ dO − wᵀ dv' on one key tile."""
-    b_qt = load_cols(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC) * b_qscale[None, :]
-    b_wt = load_cols(w, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC)
-    return state_update(b_dh, decay, b_qt, b_do, PRECISION) - tl.dot(b_wt, b_dv, input_precision=PRECISION)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -442,7 +483,8 @@ def _state_bwd_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Reverse sweep: stores dS after each chunk in ``dh`` and the full dv' = Pᵀ dO + (K ⊙ e^{b_C − b}) dS in ``dv``.
+    """Reverse sweep: stores dS after each chunk in ``dh`` and the full dv' = Pᵀ dO + (K ⊙ e^{b_C − b}) dS in ``dv``;
+    the step is ``dS ← e^{b_C} dS + (q ⊙ scale e^b)ᵀ dO − wᵀ dv'``.
 
     ``dv`` is a separate buffer from ``dv_local``: the autotuner replays the kernel, so it must not update in place.
     """
@@ -451,31 +493,14 @@ def _state_bwd_kernel(
     bos, seq_len, boh = seq_coords(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    o_k1 = tl.arange(0, BK)
-    o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK
-    m_k1, m_k2, m_k3, m_k4 = o_k1 < K, o_k2 < K, o_k3 < K, o_k4 < K
     b_dh1 = tl.zeros([BK, BV], dtype=ACC)
     b_dh2 = tl.zeros([BK, BV], dtype=ACC)
     b_dh3 = tl.zeros([BK, BV], dtype=ACC)
     b_dh4 = tl.zeros([BK, BV], dtype=ACC)
     if USE_DHT:
-        p_dht = dht + i_nh.to(tl.int64) * K * V
-        b_dh1 = load_state(p_dht, o_k1, m_k1, o_v, m_v, V, ACC)
-        if K > BK:
-            b_dh2 = load_state(p_dht, o_k2, m_k2, o_v, m_v, V, ACC)
-        if K > 2 * BK:
-            b_dh3 = load_state(p_dht, o_k3, m_k3, o_v, m_v, V, ACC)
-        if K > 3 * BK:
-            b_dh4 = load_state(p_dht, o_k4, m_k4, o_v, m_v, V, ACC)
+        b_dh1, b_dh2, b_dh3, b_dh4 = _load_tiles(dht + i_nh.to(tl.int64) * K * V, o_v, m_v, K, V, BK, BV, ACC)
     for i_t in range(tl.cdiv(seq_len, BT) - 1, -1, -1):
-        p_dh = dh + ((boh + i_t) * H + i_h) * K * V
-        store_state(p_dh, b_dh1, o_k1, m_k1, o_v, m_v, V)
-        if K > BK:
-            store_state(p_dh, b_dh2, o_k2, m_k2, o_v, m_v, V)
-        if K > 2 * BK:
-            store_state(p_dh, b_dh3, o_k3, m_k3, o_v, m_v, V)
-        if K > 3 * BK:
-            store_state(p_dh, b_dh4, o_k4, m_k4, o_v, m_v, V)
+        _store_tiles(dh + ((boh + i_t) * H + i_h) * K * V, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < seq_len
         b_kscale = m_t.to(ACC)
@@ -490,31 +515,14 @@ def _state_bwd_kernel(
             decay = tl.exp(g_last)
         # dv' = Pᵀ dO (stored by the shared chunk_bwd_dv) + (K ⊙ e^{b_C − b}) dS_next
         b_dv = load_rows(dv_local, bos, o_t, m_t, o_v, m_v, H, V, i_h, ACC)
-        b_dv += tl.dot(load_rows(k, bos, o_t, m_t, o_k1, m_k1, H, K, i_h, ACC) * b_kscale[:, None], b_dh1, input_precision=PRECISION)
-        if K > BK:
-            b_dv += tl.dot(load_rows(k, bos, o_t, m_t, o_k2, m_k2, H, K, i_h, ACC) * b_kscale[:, None], b_dh2, input_precision=PRECISION)
-        if K > 2 * BK:
-            b_dv += tl.dot(load_rows(k, bos, o_t, m_t, o_k3, m_k3, H, K, i_h, ACC) * b_kscale[:, None], b_dh3, input_precision=PRECISION)
-        if K > 3 * BK:
-            b_dv += tl.dot(load_rows(k, bos, o_t, m_t, o_k4, m_k4, H, K, i_h, ACC) * b_kscale[:, None], b_dh4, input_precision=PRECISION)
+        b_dv = _rows_times_tiles(b_dv, k, b_kscale, b_dh1, b_dh2, b_dh3, b_dh4, bos, o_t, m_t, H, K, i_h, BK, ACC, PRECISION)
         store_rows(dv, b_dv, bos, o_t, m_t, o_v, m_v, H, V, i_h)
         b_do = load_rows(do, bos, o_t, m_t, o_v, m_v, H, V, i_h, ACC)
-        b_dh1 = _dh_tile_update(b_dh1, b_dv, b_do, q, w, bos, o_t, m_t, o_k1, m_k1, b_qscale, decay, H, K, i_h, ACC, PRECISION)
-        if K > BK:
-            b_dh2 = _dh_tile_update(b_dh2, b_dv, b_do, q, w, bos, o_t, m_t, o_k2, m_k2, b_qscale, decay, H, K, i_h, ACC, PRECISION)
-        if K > 2 * BK:
-            b_dh3 = _dh_tile_update(b_dh3, b_dv, b_do, q, w, bos, o_t, m_t, o_k3, m_k3, b_qscale, decay, H, K, i_h, ACC, PRECISION)
-        if K > 3 * BK:
-            b_dh4 = _dh_tile_update(b_dh4, b_dv, b_do, q, w, bos, o_t, m_t, o_k4, m_k4, b_qscale, decay, H, K, i_h, ACC, PRECISION)
+        b_dh1, b_dh2, b_dh3, b_dh4 = _step_tiles(
+            b_dh1, b_dh2, b_dh3, b_dh4, decay, q, b_qscale, b_do, w, b_dv, bos, o_t, m_t, H, K, i_h, BK, True, ACC, PRECISION
+        )
     if STORE_DH0:
-        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
-        store_state(p_dh0, b_dh1, o_k1, m_k1, o_v, m_v, V)
-        if K > BK:
-            store_state(p_dh0, b_dh2, o_k2, m_k2, o_v, m_v, V)
-        if K > 2 * BK:
-            store_state(p_dh0, b_dh3, o_k3, m_k3, o_v, m_v, V)
-        if K > 3 * BK:
-            store_state(p_dh0, b_dh4, o_k4, m_k4, o_v, m_v, V)
+        _store_tiles(dh0 + i_nh.to(tl.int64) * K * V, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
 
 
 _STATE_FORWARD = _tuned_by_key_dim(_state_fwd_kernel)
