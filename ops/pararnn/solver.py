@@ -285,7 +285,10 @@ class FusedNewtonFunction(torch.autograd.Function):
 
     Forward: one launch runs the initial guess and all ``max_iters`` iterations (Jacobians built in
     registers); backward: one launch for ``λ``, then the same batched VJP through ``cell.step``. Computes in
-    fp32 (fp64 for fp64 inputs); saves only ``u``, ``initial`` and ``H``.
+    fp32 (fp64 for fp64 inputs); saves only ``u``, ``initial`` and ``H``. The two launches are the
+    ``torch.library`` ops ``seqzoo::pararnn_fused_fwd`` and ``seqzoo::pararnn_fused_adjoint``; the autograd
+    stays in this Function because its backward differentiates the cell module's ``step``, which an op
+    cannot take as an argument.
     """
 
     @staticmethod
