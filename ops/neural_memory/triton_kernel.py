@@ -38,6 +38,54 @@ from seqzoo.ops.utils import autotune_configs
 _CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
+@triton.jit
+def _chunk_tokens(
+    q,
+    k,
+    v,
+    theta,
+    n,
+    i_b,
+    i_h,
+    T,
+    o_t,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Chunk ``n``'s tokens of one (sequence, head): ``q, k [BT, BK]``, ``v [BT, BV]``, ``θ [BT]``, the row mask and
+    the rows' offsets in ``[B, T, H]``. Rows past the chunk (tile padding) or the sequence (last chunk) load as zeros."""
+    t = n * CHUNK + o_t
+    m_t = (o_t < CHUNK) & (t < T)
+    row = (i_b * T + t.to(tl.int64)) * H + i_h
+    m_tk = m_t[:, None] & m_k[None, :]
+    q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+    return q_n, k_n, v_n, th, m_t, row
+
+
+@triton.jit
+def _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK: tl.constexpr):
+    """Gate coefficients of chunk ``i_c`` (``[B, H, N]`` flattened): the rows ``β, f, C_last, E_last [BT]``, the
+    ``[BT, BT]`` matrix ``C`` and the scalars ``β_last, f_last, h_last``."""
+    m_c = o_t < CHUNK
+    p_row = i_c * CHUNK + o_t
+    b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
+    f_n = tl.load(f + p_row, mask=m_c, other=0.0)
+    cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
+    el = tl.load(e_last + p_row, mask=m_c, other=0.0)
+    c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
+    return b_n, f_n, cl, el, c_n, tl.load(beta_last + i_c), tl.load(f_last + i_c), tl.load(h_last + i_c)
+
+
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
 @triton.jit(do_not_specialize=["T", "N"])
 def _fwd_kernel(
@@ -87,25 +135,9 @@ def _fwd_kernel(
     w = tl.load(w0 + p_state, mask=m_kv, other=0.0).to(ACC)
     s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(ACC)
     for n in range(N):
-        # Rows beyond the chunk (tile padding) and beyond the sequence (last chunk) load as zeros.
-        t = n * CHUNK + o_t
-        m_t = (o_t < CHUNK) & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        m_c = o_t < CHUNK
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
         if STORE_STARTS:
             p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
             tl.store(w_start + p_save, w, mask=m_kv)
@@ -189,28 +221,13 @@ def _bwd_kernel(
     part = i_v.to(tl.int64) * B * H  # this value block's partial sums start part * (N * CHUNK) etc.
     for i_n in range(N):
         n = N - 1 - i_n
-        t = n * CHUNK + o_t
-        m_t = m_c & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         dy_n = tl.load(dy + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        p_cc = i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :]
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
         m_cc = m_c[:, None] & m_c[None, :]
-        c_n = tl.load(c + p_cc, mask=m_cc, other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
         p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
         w = tl.load(w_start + p_save, mask=m_kv, other=0.0)
         s = tl.load(s_start + p_save, mask=m_kv, other=0.0)
@@ -238,6 +255,7 @@ def _bwd_kernel(
         dk_n += tl.dot(de, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
         dk_n += el[:, None] * m_s + cl[:, None] * m_w
 
+        t = n * CHUNK + o_t
         row_p = ((i_v * B + i_b) * T + t.to(tl.int64)) * H + i_h  # [NV, B, T, H] row of the partials
         tl.store(dq + row_p[:, None] * K + o_k[None, :], dq_n, mask=m_tk)
         tl.store(dk + row_p[:, None] * K + o_k[None, :], dk_n, mask=m_tk)
@@ -528,7 +546,6 @@ def _mlp_fwd_kernel(
     o_j = tl.arange(0, BH)
     m_k = o_k < K
     m_v = o_v < V
-    m_c = o_t < CHUNK
     if USE_LNW:
         lnw = tl.load(ln_w + i_h * V + o_v, mask=m_v, other=0.0).to(ACC)
     else:
@@ -542,25 +559,10 @@ def _mlp_fwd_kernel(
     p_w2 = w2 + i_bh * HID * V
     p_s2 = s2 + i_bh * HID * V
     for n in range(N):
-        t = n * CHUNK + o_t
-        m_t = m_c & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         m_tv = m_t[:, None] & m_v[None, :]
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
 
         # Pass 1: the keys through the chunk-start MLP, for the output-layer gradient G2.
         z2 = tl.zeros([BT, BV], dtype=ACC)
