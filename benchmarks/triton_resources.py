@@ -8,7 +8,8 @@ target without a device, so these limits can be checked on a CPU-only machine:
 
 Compiles can take minutes each for the widest shapes. Pointer arguments are typed ``*fp32`` (``*i32`` for
 the chunk index tables), scalars by name; the constexprs are those of the launches in
-``seqzoo.ops.gated_delta_rule.triton``.
+``seqzoo.ops.gated_delta_rule.triton`` (whose output and ``dv`` stages are the shared kernels of
+``seqzoo.ops.core.triton_stages``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from seqzoo.ops.core import triton_stages
 from seqzoo.ops.gated_delta_rule import triton as gdr
 
 HOPPER_SHARED_BYTES = 232448
@@ -28,17 +30,20 @@ INDEX_TABLES = ("chunk_indices", "cu_seqlens", "chunk_offsets")
 
 
 def kernel_specs(key_dim: int, value_dim: int, bv: int) -> dict[str, tuple[triton.JITFunction, dict, tuple[str, ...], tuple[str, ...]]]:
-    """``name -> (jit function, constexprs, int64 scalars, fp32 scalars)`` for the chunked pipeline."""
-    common = dict(H=2, K=key_dim, V=value_dim, BT=gdr.BT, BK=gdr.BK, DT=tl.float32, USE_G=True)
+    """``name -> (jit function, constexprs, int scalars, fp32 scalars)`` for the chunked pipeline (packed
+    sequences, gated, IEEE dots: the widest variant of each kernel)."""
+    common = dict(
+        H=2, K=key_dim, V=value_dim, BT=gdr.BT, BK=gdr.BK, ACC=tl.float32, G_MODE=1, IS_VARLEN=True, PRECISION="ieee"
+    )  # fmt: skip
     return {
-        "_kkt_inverse": (gdr._kkt_inverse, dict(common, BC=gdr.BC), (), ()),
-        "_wy_forward": (gdr._wy_forward, dict(common, BV=bv), (), ()),
-        "_state_forward": (gdr._state_forward, dict(common, BV=bv, USE_H0=True, STORE_HT=True), (), ()),
-        "_output_forward": (gdr._output_forward.fn, dict(common, BV=bv), (), ("scale",)),
-        "_dv_local": (gdr._dv_local, dict(common, BV=bv), (), ("scale",)),
-        "_state_backward": (gdr._state_backward, dict(common, BV=bv, USE_DHT=True, STORE_DH0=True), (), ("scale",)),
-        "_dqk_dw": (gdr._dqk_dw, dict(common, BV=bv), ("TOTAL",), ("scale",)),
-        "_wy_backward": (gdr._wy_backward, dict(common, BV=bv, BC=gdr.BC), (), ()),
+        "_kkt_inverse_kernel": (gdr._kkt_inverse_kernel, dict(common, BC=gdr.BC), ("T",), ()),
+        "_wy_fwd_kernel": (gdr._wy_fwd_kernel, dict(common, BV=bv), ("T",), ()),
+        "_state_fwd_kernel": (gdr._state_fwd_kernel, dict(common, BV=bv, USE_H0=True, STORE_HT=True), ("T",), ()),
+        "_chunk_fwd_o_kernel": (triton_stages._chunk_fwd_o_kernel.fn, dict(common, BV=bv), ("T",), ("scale",)),
+        "_chunk_bwd_dv_kernel": (triton_stages._chunk_bwd_dv_kernel.fn, dict(common, BV=bv, USE_DH=False), ("T",), ("scale",)),
+        "_state_bwd_kernel": (gdr._state_bwd_kernel, dict(common, BV=bv, USE_DHT=True, STORE_DH0=True), ("T",), ("scale",)),
+        "_dqk_dw_kernel": (gdr._dqk_dw_kernel, dict(common, BV=bv), ("T", "TOTAL"), ("scale",)),
+        "_wy_bwd_kernel": (gdr._wy_bwd_kernel, dict(common, BV=bv, BC=gdr.BC), ("T",), ()),
     }
 
 
@@ -58,7 +63,7 @@ def compile_for_target(
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ints:
-            signature[name] = "i64"
+            signature[name] = "i32"
         elif name in floats:
             signature[name] = "fp32"
         else:

@@ -139,7 +139,7 @@ def affine_scan(
             af = af.index_fill(1, first, 0.0)
             h0 = None
         if impl == "triton":
-            from seqzoo.ops.affine_scan.triton_scan import scan_triton as core
+            from seqzoo.ops.affine_scan.triton_scan import affine_scan_triton as core
         else:
             core = scan_torch
         h = AffineScanFunction.apply(af, bf, h0, structure, reverse, chunk_size, core)

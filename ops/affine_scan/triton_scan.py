@@ -7,7 +7,12 @@ B_cum``. Padding rows are the identity map, so the tile's last row is always the
 
 ``reverse`` loads the tile with a reversed time index and scans forward: ``tl.associative_scan(...,
 reverse=True)`` is reported wrong on GPU for non-commutative combines (triton #4362, #8412).
-Inputs arrive contiguous in the compute dtype (fp32 or fp64); accumulation happens in that dtype.
+Inputs arrive contiguous in the compute dtype (fp32 or fp64); accumulation happens in that dtype. There is
+no ``tl.dot`` here (the scans are elementwise), so no dot precision to choose.
+
+The launch is the ``torch.library`` op ``seqzoo::affine_scan_triton`` (with a fake implementation, so
+``torch.compile`` sees one op). It has no autograd of its own: :class:`~seqzoo.ops.affine_scan.chunked.AffineScanFunction`,
+which the chunked PyTorch path shares, differentiates it by one more scan through the same op (the adjoint).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -37,14 +44,14 @@ def _block2_combine(l00, l01, l10, l11, lb0, lb1, r00, r01, r10, r11, rb0, rb1):
 
 
 @triton.jit
-def _scan_diag_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _scan_diag_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, USE_H0: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < C
     o_s = tl.arange(0, BT)
     base = i_b * T * C
-    if HAS_H0:
+    if USE_H0:
         carry = tl.load(h0_ptr + i_b * C + o_d, mask=m_d, other=0.0).to(h_ptr.dtype.element_ty)
     else:
         carry = tl.zeros([BD], dtype=h_ptr.dtype.element_ty)
@@ -65,14 +72,14 @@ def _scan_diag_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr, R
 
 
 @triton.jit
-def _scan_block2_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _scan_block2_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, USE_H0: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < C
     o_s = tl.arange(0, BT)
     base = i_b * T * C
-    if HAS_H0:
+    if USE_H0:
         k0 = tl.load(h0_ptr + (i_b * C + o_d) * 2, mask=m_d, other=0.0).to(h_ptr.dtype.element_ty)
         k1 = tl.load(h0_ptr + (i_b * C + o_d) * 2 + 1, mask=m_d, other=0.0).to(h_ptr.dtype.element_ty)
     else:
@@ -103,19 +110,30 @@ def _scan_block2_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr,
         k1 = tl.sum(tl.where(last, h1, 0.0), axis=0)
 
 
-def scan_triton(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int) -> torch.Tensor:
-    """Launch the scan kernel; inputs in the compute dtype, ``chunk_size`` rounded up to a power of two.
-
-    Shapes as in :mod:`seqzoo.ops.affine_scan.reference`; returns ``h`` shaped like ``b``.
-    """
-    a, b = a.contiguous(), b.contiguous()
-    h0 = None if h0 is None else h0.contiguous()
+@triton_op("seqzoo::affine_scan_triton", mutates_args=())
+def _affine_scan_triton(a: Tensor, b: Tensor, h0: Tensor | None, structure: str, reverse: bool, chunk_size: int) -> Tensor:
+    """``h`` shaped like ``b`` (see :func:`affine_scan_triton`)."""
     batch, seq, channels = b.shape[:3]
-    h = torch.empty_like(b)
+    h = torch.empty_like(b, memory_format=torch.contiguous_format)
     # 2×2 keeps six tiles live, so its channel block is narrower.
     bd = min(triton.next_power_of_2(channels), 32 if structure == "diag" else 16)
     bt = triton.next_power_of_2(max(1, chunk_size))
     kernel = _scan_diag_kernel if structure == "diag" else _scan_block2_kernel
     grid = (triton.cdiv(channels, bd), batch)
-    kernel[grid](a, b, h0 if h0 is not None else b, h, seq, channels, HAS_H0=h0 is not None, REVERSE=reverse, BT=bt, BD=bd)
+    wrap_triton(kernel)[grid](a, b, h0, h, seq, channels, USE_H0=h0 is not None, REVERSE=reverse, BT=bt, BD=bd)
     return h
+
+
+@_affine_scan_triton.register_fake
+def _(a, b, h0, structure, reverse, chunk_size):
+    return torch.empty_like(b, memory_format=torch.contiguous_format)
+
+
+def affine_scan_triton(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str, reverse: bool, chunk_size: int
+) -> torch.Tensor:
+    """Run the scan kernel; inputs in the compute dtype, ``chunk_size`` rounded up to a power of two.
+
+    Shapes as in :mod:`seqzoo.ops.affine_scan.reference`; returns ``h`` shaped like ``b``.
+    """
+    return _affine_scan_triton(a.contiguous(), b.contiguous(), None if h0 is None else h0.contiguous(), structure, reverse, chunk_size)

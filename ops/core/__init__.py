@@ -10,6 +10,13 @@ A public op (``seqzoo.ops.gated_delta_rule`` and its siblings) is written the sa
    (built on :class:`ChunkLayout` and :func:`scan_chunks`), or its Triton kernels (whose host code
    takes its packing indices from the same :class:`ChunkLayout`), all under the rules of
    :mod:`.precision`.
+
+Two modules serve the Triton kernels and import ``triton``, so they are imported only where a kernel
+runs: :mod:`.triton_host` (the one host convention: call metadata, dtypes, tiles, chunk coordinates,
+tile addressing, names and flags) and :mod:`.triton_stages` (the stages the linear-attention families
+share: chunk-local cumsum, the state-recurrence step, the output stage, ``dv``). Every Triton launch is
+a ``torch.library`` op in the ``seqzoo`` namespace with a fake implementation (and, where it is
+differentiable, its backward op registered as its autograd formula), so ``torch.compile`` sees one op.
 """
 
 from seqzoo.ops.core.checks import (

@@ -10,7 +10,10 @@
    user who hands us fp32 asks for fp32 results and tf32's 10-bit mantissa costs ~1e-3 relative error,
    which the chunk-to-chunk state recurrence then carries along the sequence; **tf32 for bf16 and fp16
    inputs**, whose own rounding (8 or 11 bits) already exceeds what tf32 adds, and which then run on
-   tensor cores. No kernel ever accumulates in bf16.
+   tensor cores. No kernel ever accumulates in bf16. Every Triton kernel with a ``tl.dot`` takes this as its
+   ``PRECISION`` constexpr, computed by the host from the *caller's* dtype (the host may upcast the tensors
+   first): GLA and simple GLA, the (gated) delta rule, the neural memory. The scan and ParaRNN kernels
+   have no dots. The interpreter ignores the setting; only a GPU run shows its effect.
 4. **The PyTorch paths** compute in :func:`compute_dtype` with PyTorch's own matmul settings
    (``torch.backends.cuda.matmul.allow_tf32`` is off by default, so fp32 on a GPU is IEEE there too).
 5. **Under the Triton interpreter** bf16 arithmetic is wrong (it multiplies the raw bit patterns), so

@@ -59,7 +59,7 @@ def run_delta_rule(
     if key_dim > kernels.MAX_KEY_DIM:
         fail(op, f"backend={impl!r} supports key_dim <= {kernels.MAX_KEY_DIM}, got {key_dim}")
 
-    return (kernels.fused_recurrent_gated_delta_rule if impl == "fused" else kernels.chunk_gated_delta_rule_triton)(*args)
+    return (kernels.gated_delta_rule_fused if impl == "fused" else kernels.gated_delta_rule_triton)(*args)
 
 
 @autocast_off

@@ -64,6 +64,6 @@ def gla(
         return gla_reference(q, k, v, g, **kwargs)
     if impl == "torch":
         return gla_chunk(q, k, v, g, **kwargs)
-    from seqzoo.ops.gla.triton import gla_triton, gla_triton_recurrent
+    from seqzoo.ops.gla.triton import gla_fused, gla_triton
 
-    return (gla_triton_recurrent if impl == "fused" else gla_triton)(q, k, v, g, **kwargs)
+    return (gla_fused if impl == "fused" else gla_triton)(q, k, v, g, **kwargs)

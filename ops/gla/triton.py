@@ -1,5 +1,7 @@
 """Triton GLA: the shared chunked kernels of :mod:`seqzoo.ops.simple_gla.triton` with per-key gates
-(``G_MODE = 2``), plus the two kernels per-key gates need for the intra-chunk part.
+(``G_MODE = 2``), plus the two kernels per-key gates need for the intra-chunk part. Layout, packing and
+flags follow :mod:`seqzoo.ops.core.triton_host`; the launchers run inside that module's ``torch.library``
+ops (``seqzoo::gla_triton_fwd`` / ``_bwd``), which call them for ``g_mode == 2``.
 
 Secondary chunking (as in :mod:`seqzoo.ops.gla.chunk`): a 64-token chunk is cut into ``BC = 16`` row
 sub-chunks. An off-diagonal block (query sub-chunk ``I`` after key sub-chunk ``J``) is one dot of
@@ -13,21 +15,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from seqzoo.ops.simple_gla.triton import (
-    BT,
-    Meta,
-    _chunk_coords,
-    _tile,
-    chunk_gated_linear_attention,
-    fused_recurrent,
-)
+from seqzoo.ops.core.triton_host import BT, ChunkMeta, chunk_coords, tile
+from seqzoo.ops.simple_gla.triton import chunk_gla, fused_gla
 
 BC = 16  # sub-chunk rows: the smallest tl.dot tile
 
 
 @triton.jit(do_not_specialize=["T"])
-def gla_intra_A_kernel(
+def _gla_intra_A_kernel(
     q,
     k,
     gc,
@@ -43,6 +40,7 @@ def gla_intra_A_kernel(
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One ``BC×BC`` block ``(I, J)``, ``J <= I``, of ``A_ij = scale·Σ_k q_ik k_jk exp(b_ik − b_jk)``."""
     i_c, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -51,7 +49,7 @@ def gla_intra_A_kernel(
     if i_j > i_i:
         return  # A is zero-initialised above the block diagonal
     i_b, i_h = i_bh // H, i_bh % H
-    bos, seq_len, i_ch = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    bos, seq_len, i_ch = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     start_i = i_ch * BT + i_i * BC
     if start_i >= seq_len:
         return
@@ -76,7 +74,7 @@ def gla_intra_A_kernel(
             b_gkt = tl.load(gc + ptr_j, mask=m_kj, other=0).to(ACC)
             b_qg = b_q * tl.exp(tl.where(m_ik, b_gq - b_ref[None, :], float("-inf")))
             b_kg = b_kt * tl.exp(tl.where(m_kj, b_ref[:, None] - b_gkt, float("-inf")))
-            b_A += tl.dot(b_qg, b_kg)
+            b_A += tl.dot(b_qg, b_kg, input_precision=PRECISION)
         else:
             for j in range(0, BC):
                 row_j = (bos + start_i + j) * (H * K) + i_h * K + o_k
@@ -92,7 +90,7 @@ def gla_intra_A_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def gla_intra_bwd_kernel(
+def _gla_intra_bwd_kernel(
     q,
     k,
     gc,
@@ -109,6 +107,7 @@ def gla_intra_bwd_kernel(
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Add the intra-chunk ``dq_i = Σ_j dA_ij k_j e^{b_i−b_j}`` and ``dk_j = Σ_i dA_ij q_i e^{b_i−b_j}``
     of one sub-chunk to ``dq, dk`` (which hold the inter-chunk part). ``dA`` already carries ``scale``."""
@@ -116,7 +115,7 @@ def gla_intra_bwd_kernel(
     NC: tl.constexpr = BT // BC
     i_t, i_i = i_tc // NC, i_tc % NC
     i_b, i_h = i_bh // H, i_bh % H
-    bos, seq_len, i_ch = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    bos, seq_len, i_ch = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     start_i = i_ch * BT + i_i * BC
     if start_i >= seq_len:
         return
@@ -139,7 +138,7 @@ def gla_intra_bwd_kernel(
         b_kj = tl.load(k + ptr_j, mask=m_k[None, :], other=0).to(ACC)
         b_gj = tl.load(gc + ptr_j, mask=m_k[None, :], other=0).to(ACC)
         b_dA = tl.load(dA + row_dA + (i_j * BC + o_c)[None, :], mask=m_i[:, None], other=0).to(ACC)
-        b_dq += tl.dot(b_dA, b_kj * tl.exp(b_ref[None, :] - b_gj))
+        b_dq += tl.dot(b_dA, b_kj * tl.exp(b_ref[None, :] - b_gj), input_precision=PRECISION)
     b_dq *= tl.exp(tl.where(m_ik, b_g - b_ref[None, :], float("-inf")))
 
     # dk from later sub-chunks, relative to this sub-chunk's last row.
@@ -156,7 +155,7 @@ def gla_intra_bwd_kernel(
             b_gj = tl.load(gc + ptr_j, mask=m_jk, other=0).to(ACC)
             # dAᵀ block [BC (this sub-chunk's keys), BC (later queries)] by swapped indexing.
             b_dAt = tl.load(dA + (bos + o_j)[None, :] * (H * BT) + i_h * BT + (i_i * BC + o_c)[:, None], mask=m_j[None, :], other=0).to(ACC)
-            b_dk += tl.dot(b_dAt, b_qj * tl.exp(tl.where(m_jk, b_gj - b_ref2[None, :], float("-inf"))))
+            b_dk += tl.dot(b_dAt, b_qj * tl.exp(tl.where(m_jk, b_gj - b_ref2[None, :], float("-inf"))), input_precision=PRECISION)
         b_dk *= tl.exp(tl.where(m_ik, b_ref2[None, :] - b_g, float("-inf")))
 
     # Diagonal block exactly: one row/column of dA at a time.
@@ -181,44 +180,35 @@ def gla_intra_bwd_kernel(
     tl.store(dk + ptr_i, b_dk.to(dk.dtype.element_ty), mask=m_ik)
 
 
-def gla_intra_A(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, m: Meta) -> torch.Tensor:
-    """Intra-chunk scores ``[B, T, H, BT]`` (zero above the diagonal) for per-key gates."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    A = q.new_zeros(m.B, m.T, m.H, BT, dtype=dtype)
+def gla_intra_A(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, m: ChunkMeta, scale: float) -> torch.Tensor:
+    """Intra-chunk scores ``[B, T, H, BT]`` (zero above the diagonal, ``scale`` included) for per-key gates."""
+    A = q.new_zeros(m.B, m.T, m.H, BT, dtype=m.acc)
     NC = BT // BC
-    gla_intra_A_kernel[(NC * NC, m.NT, m.B * m.H)](
-        q, k, gc, A, m.cu_seqlens, m.chunk_indices, m.scale, m.T, H=m.H, K=m.K, BT=BT, BC=BC, BK=_tile(m.K), IS_VARLEN=m.varlen, ACC=m.acc
-    )
+    wrap_triton(_gla_intra_A_kernel)[(NC * NC, m.NT, m.B * m.H)](
+        q, k, gc, A, m.cu_seqlens, m.chunk_indices, scale, m.T,
+        H=m.H, K=m.K, BT=BT, BC=BC, BK=tile(m.K), IS_VARLEN=m.varlen, ACC=m.ACC, PRECISION=m.precision,
+    )  # fmt: skip
     return A
 
 
-def gla_intra_bwd(q, k, gc, dA, dq, dk, m: Meta) -> None:
-    """Add the intra-chunk parts of ``dq, dk`` in place."""
-    BK = _tile(m.K)
+def gla_intra_bwd(q, k, gc, dA, dq, dk, m: ChunkMeta) -> None:
+    """Add the intra-chunk parts of ``dq, dk`` in place (both ``[B, T, H, K]``, accumulator dtype)."""
+    BK = tile(m.K)
     grid = (triton.cdiv(m.K, BK), m.NT * (BT // BC), m.B * m.H)
-    gla_intra_bwd_kernel[grid](
-        q, k, gc, dA, dq, dk, m.cu_seqlens, m.chunk_indices, m.T, H=m.H, K=m.K, BT=BT, BC=BC, BK=BK, IS_VARLEN=m.varlen, ACC=m.acc
-    )
+    wrap_triton(_gla_intra_bwd_kernel)[grid](
+        q, k, gc, dA, dq, dk, m.cu_seqlens, m.chunk_indices, m.T,
+        H=m.H, K=m.K, BT=BT, BC=BC, BK=BK, IS_VARLEN=m.varlen, ACC=m.ACC, PRECISION=m.precision,
+    )  # fmt: skip
 
 
 def gla_triton(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Chunked Triton GLA (differentiable). Shapes as :func:`seqzoo.ops.gla.gla`."""
-    return chunk_gated_linear_attention(
-        q,
-        k,
-        v,
-        g,
-        2,
-        (gla_intra_A, gla_intra_bwd),
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )
+    return chunk_gla(
+        q, k, v, g, 2,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens, op="gla",
+    )  # fmt: skip
 
 
-def gla_triton_recurrent(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gla_fused(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Fused recurrent Triton GLA, forward only. Shapes as :func:`seqzoo.ops.gla.gla`."""
-    return fused_recurrent(
-        q, k, v, g, 2, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
-    )
+    return fused_gla(q, k, v, g, 2, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -243,15 +243,15 @@ def neural_memory(
     if backend == "reference":
         o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif memory == "mlp" and backend == "triton":
-        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_mlp_forward
+        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_mlp_triton
 
-        o, final = neural_memory_triton_mlp_forward(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
+        o, final = neural_memory_mlp_triton(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif memory == "mlp":
         o, final = neural_memory_chunk_mlp(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)
     elif backend == "triton":
-        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_triton_linear
+        from seqzoo.ops.neural_memory.triton_kernel import neural_memory_linear_triton
 
-        o, final = neural_memory_triton_linear(q, k, v, lr, momentum, decay, chunk_size, state, retrieval)
+        o, final = neural_memory_linear_triton(q, k, v, lr, momentum, decay, chunk_size, state, retrieval)
     else:
         o, final = neural_memory_chunk_linear(q, k, v, lr, momentum, decay, chunk_size, state, retrieval)
     return o.to(q.dtype), (final if output_final_state else None)

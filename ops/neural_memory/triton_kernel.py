@@ -11,6 +11,14 @@ Grid: ``(cdiv(value_dim, BV), batch * heads)``. The value columns of the memory 
 carrying ``dW, dS``. Reductions over the value dimension (``dq, dk``, gate terms) are written per value
 block and summed in PyTorch: deterministic, no atomics. Chunk-start states are stored for the backward
 (``[B, H, N, key_dim, value_dim]``, like fla's ``h``), never per-token weights.
+
+The kernels run as ``torch.library`` ops with fake (shape) implementations: ``seqzoo::neural_memory_linear_triton_fwd``
+/ ``_bwd`` (autograd: the first's backward calls the second) and the inference-only
+``seqzoo::neural_memory_mlp_triton_fwd``. Accumulation is fp32 (fp64 for an fp64 state, which ``gradcheck``
+uses); every ``tl.dot`` runs at :func:`~seqzoo.ops.core.precision.dot_precision` of the input dtype (IEEE
+for fp32, so the kernels match the fp32 reference to ~1e-6; tf32 for half inputs, whose own rounding
+exceeds tf32's). Memories are dense batches (no packed sequences), so the chunk layout of
+:mod:`seqzoo.ops.core.triton_host` is not used here; dtypes, flags and names follow it.
 """
 
 from __future__ import annotations
@@ -18,13 +26,64 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
-from seqzoo.ops.core import TRITON_INTERPRET
+from seqzoo.ops.core import dot_precision, kernel_input, needs_grad
+from seqzoo.ops.core.triton_host import acc_dtype, tl_dtype
 from seqzoo.ops.neural_memory.chunk import gate_coefficients
 from seqzoo.ops.neural_memory.memory import LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.utils import autotune_configs
 
 _CONFIGS = autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
+
+
+@triton.jit
+def _chunk_tokens(
+    q,
+    k,
+    v,
+    theta,
+    n,
+    i_b,
+    i_h,
+    T,
+    o_t,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Chunk ``n``'s tokens of one (sequence, head): ``q, k [BT, BK]``, ``v [BT, BV]``, ``θ [BT]``, the row mask and
+    the rows' offsets in ``[B, T, H]``. Rows past the chunk (tile padding) or the sequence (last chunk) load as zeros."""
+    t = n * CHUNK + o_t
+    m_t = (o_t < CHUNK) & (t < T)
+    row = (i_b * T + t.to(tl.int64)) * H + i_h
+    m_tk = m_t[:, None] & m_k[None, :]
+    q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+    return q_n, k_n, v_n, th, m_t, row
+
+
+@triton.jit
+def _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK: tl.constexpr):
+    """Gate coefficients of chunk ``i_c`` (``[B, H, N]`` flattened): the rows ``β, f, C_last, E_last [BT]``, the
+    ``[BT, BT]`` matrix ``C`` and the scalars ``β_last, f_last, h_last``."""
+    m_c = o_t < CHUNK
+    p_row = i_c * CHUNK + o_t
+    b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
+    f_n = tl.load(f + p_row, mask=m_c, other=0.0)
+    cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
+    el = tl.load(e_last + p_row, mask=m_c, other=0.0)
+    c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
+    return b_n, f_n, cl, el, c_n, tl.load(beta_last + i_c), tl.load(f_last + i_c), tl.load(h_last + i_c)
 
 
 @triton.autotune(configs=_CONFIGS, key=["K", "V", "CHUNK", "BV"])
@@ -46,7 +105,7 @@ def _fwd_kernel(
     s0,  # [B, H, K, V]
     y,  # [B, T, H, V] (accumulation dtype)
     w_start,
-    s_start,  # [B, H, N, K, V], written when SAVE
+    s_start,  # [B, H, N, K, V], written when STORE_STARTS
     w_out,
     s_out,  # [B, H, K, V]
     T,
@@ -58,7 +117,7 @@ def _fwd_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    SAVE: tl.constexpr,
+    STORE_STARTS: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -76,26 +135,10 @@ def _fwd_kernel(
     w = tl.load(w0 + p_state, mask=m_kv, other=0.0).to(ACC)
     s = tl.load(s0 + p_state, mask=m_kv, other=0.0).to(ACC)
     for n in range(N):
-        # Rows beyond the chunk (tile padding) and beyond the sequence (last chunk) load as zeros.
-        t = n * CHUNK + o_t
-        m_t = (o_t < CHUNK) & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        m_c = o_t < CHUNK
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
-        if SAVE:
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
+        if STORE_STARTS:
             p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
             tl.store(w_start + p_save, w, mask=m_kv)
             tl.store(s_start + p_save, s, mask=m_kv)
@@ -178,28 +221,13 @@ def _bwd_kernel(
     part = i_v.to(tl.int64) * B * H  # this value block's partial sums start part * (N * CHUNK) etc.
     for i_n in range(N):
         n = N - 1 - i_n
-        t = n * CHUNK + o_t
-        m_t = m_c & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         dy_n = tl.load(dy + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        p_cc = i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :]
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
         m_cc = m_c[:, None] & m_c[None, :]
-        c_n = tl.load(c + p_cc, mask=m_cc, other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
         p_save = i_c * K * V + o_k[:, None] * V + o_v[None, :]
         w = tl.load(w_start + p_save, mask=m_kv, other=0.0)
         s = tl.load(s_start + p_save, mask=m_kv, other=0.0)
@@ -227,6 +255,7 @@ def _bwd_kernel(
         dk_n += tl.dot(de, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
         dk_n += el[:, None] * m_s + cl[:, None] * m_w
 
+        t = n * CHUNK + o_t
         row_p = ((i_v * B + i_b) * T + t.to(tl.int64)) * H + i_h  # [NV, B, T, H] row of the partials
         tl.store(dq + row_p[:, None] * K + o_k[None, :], dq_n, mask=m_tk)
         tl.store(dk + row_p[:, None] * K + o_k[None, :], dk_n, mask=m_tk)
@@ -262,81 +291,146 @@ def _tiles(chunk_size: int, key_dim: int, value_dim: int) -> tuple[int, int, int
     return bt, bk, bv
 
 
-def _kernel_dtype(dtype: torch.dtype, input_dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
-    """(state dtype, accumulator, dot precision) for a state in ``dtype`` and inputs in ``input_dtype``.
-
-    fp64 stays fp64 (gradcheck). fp32 inputs get IEEE fp32 dots, so that they match the fp32 reference
-    to ~1e-6; half-precision inputs already carry more error than tf32 adds, and tf32 runs on tensor cores.
-    """
-    if dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
-    return torch.float32, tl.float32, "ieee" if input_dtype in (torch.float32, torch.float64) else "tf32"
+_COEFFICIENTS = ("beta", "f", "C", "beta_last", "f_last", "h_last", "c_last", "e_last")
 
 
-class _LinearTritonFunction(torch.autograd.Function):
-    """Triton forward/backward of the linear memory; coefficient tensors come from :func:`chunk_coefficients`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w0, s0, chunk_size):
-        batch, seq, heads, key_dim = q.shape
-        value_dim = v.shape[-1]
-        n_chunks = beta.shape[2]
-        state_dtype, acc, precision = _kernel_dtype(w0.dtype, q.dtype)
-        bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
-        save = ctx.needs_input_grad is not None and any(ctx.needs_input_grad)
-        y = q.new_empty(batch, seq, heads, value_dim, dtype=state_dtype)
-        w_start = w0.new_empty(batch, heads, n_chunks, key_dim, value_dim) if save else w0.new_empty(1)
-        s_start = w0.new_empty(batch, heads, n_chunks, key_dim, value_dim) if save else w0.new_empty(1)
-        w_out, s_out = torch.empty_like(w0), torch.empty_like(s0)
-        grid = (triton.cdiv(value_dim, bv), batch * heads)
-        _fwd_kernel[grid](
-            q, k, v, theta, beta, f, c, c_last, e_last, beta_last, f_last, h_last, w0, s0,
-            y, w_start, s_start, w_out, s_out, seq, n_chunks,
-            H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv,
-            SAVE=save, ACC=acc, PRECISION=precision,
-        )  # fmt: skip
-        if save:
-            ctx.save_for_backward(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w_start, s_start)
-        ctx.chunk_size = chunk_size
-        return y, w_out, s_out
-
-    @staticmethod
-    def backward(ctx, dy, dw_end, ds_end):
-        q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w_start, s_start = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        batch, seq, heads, key_dim = q.shape
-        value_dim = v.shape[-1]
-        n_chunks = beta.shape[2]
-        state_dtype, acc, precision = _kernel_dtype(w_start.dtype, q.dtype)
-        bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
-        n_v = triton.cdiv(value_dim, bv)
-        dy = torch.zeros_like(v, dtype=state_dtype) if dy is None else dy.to(state_dtype).contiguous()
-        shape_state = (batch, heads, key_dim, value_dim)
-        dw_end = w_start.new_zeros(shape_state) if dw_end is None else dw_end.contiguous()
-        ds_end = w_start.new_zeros(shape_state) if ds_end is None else ds_end.contiguous()
-        new = lambda *shape: w_start.new_empty(*shape)  # noqa: E731
-        dq, dk = new(n_v, batch, seq, heads, key_dim), new(n_v, batch, seq, heads, key_dim)
-        dv = new(batch, seq, heads, value_dim)
-        d_theta = new(n_v, batch, seq, heads)
-        d_rows = [new(n_v, batch, heads, n_chunks, chunk_size) for _ in range(4)]
-        d_c = new(n_v, batch, heads, n_chunks, chunk_size, chunk_size)
-        d_scalars = [new(n_v, batch, heads, n_chunks) for _ in range(3)]
-        dw0, ds0 = new(shape_state), new(shape_state)
-        _bwd_kernel[(n_v, batch * heads)](
-            q, k, v, theta, dy, beta, f, c, c_last, e_last, beta_last, f_last, h_last,
-            w_start, s_start, dw_end, ds_end, dq, dk, dv, d_theta, *d_rows, d_c, *d_scalars, dw0, ds0,
-            seq, n_chunks, batch,
-            H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, ACC=acc, PRECISION=precision,
-        )  # fmt: skip
-        d_beta, d_f, d_c_last, d_e_last = (x.sum(0) for x in d_rows)
-        d_beta_last, d_f_last, d_h_last = (x.sum(0) for x in d_scalars)
-        return (
-            dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), d_theta.sum(0).to(theta.dtype),
-            d_beta, d_f, d_c.sum(0), d_beta_last, d_f_last, d_h_last, d_c_last, d_e_last, dw0, ds0, None,
-        )  # fmt: skip
+@triton_op("seqzoo::neural_memory_linear_triton_fwd", mutates_args=())
+def _linear_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    beta: Tensor,
+    f: Tensor,
+    c: Tensor,
+    beta_last: Tensor,
+    f_last: Tensor,
+    h_last: Tensor,
+    c_last: Tensor,
+    e_last: Tensor,
+    w0: Tensor,
+    s0: Tensor,
+    chunk_size: int,
+    store_starts: bool,
+    precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the linear memory: ``(y [B, T, H, V], w [B, H, K, V], s [B, H, K, V], w_start, s_start)``
+    in the state dtype; ``w_start, s_start [B, H, N, K, V]`` (the chunk-start states, kept for the backward)
+    have 0 elements unless ``store_starts``. Coefficients as :func:`.chunk.gate_coefficients` returns them."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    n_chunks = beta.shape[2]
+    bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
+    y = q.new_empty(batch, seq, heads, value_dim, dtype=acc_dtype(w0.dtype))
+    starts = (batch, heads, n_chunks, key_dim, value_dim) if store_starts else (0,)
+    w_start, s_start = w0.new_empty(starts), w0.new_empty(starts)
+    w_out, s_out = torch.empty_like(w0), torch.empty_like(s0)
+    grid = (triton.cdiv(value_dim, bv), batch * heads)
+    wrap_triton(_fwd_kernel)[grid](
+        q, k, v, theta, beta, f, c, c_last, e_last, beta_last, f_last, h_last, w0, s0,
+        y, w_start, s_start, w_out, s_out, seq, n_chunks,
+        H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv,
+        STORE_STARTS=store_starts, ACC=tl_dtype(w0.dtype), PRECISION=precision,
+    )  # fmt: skip
+    return y, w_out, s_out, w_start, s_start
 
 
-def neural_memory_triton_linear(
+@_linear_fwd.register_fake
+def _(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w0, s0, chunk_size, store_starts, precision):
+    batch, seq, heads, key_dim = q.shape
+    starts = (batch, heads, beta.shape[2], key_dim, v.shape[-1]) if store_starts else (0,)
+    y = q.new_empty(batch, seq, heads, v.shape[-1], dtype=acc_dtype(w0.dtype))
+    return y, torch.empty_like(w0), torch.empty_like(s0), w0.new_empty(starts), w0.new_empty(starts)
+
+
+@triton_op("seqzoo::neural_memory_linear_triton_bwd", mutates_args=())
+def _linear_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    beta: Tensor,
+    f: Tensor,
+    c: Tensor,
+    beta_last: Tensor,
+    f_last: Tensor,
+    h_last: Tensor,
+    c_last: Tensor,
+    e_last: Tensor,
+    w_start: Tensor,
+    s_start: Tensor,
+    dy: Tensor,
+    dw_end: Tensor,
+    ds_end: Tensor,
+    chunk_size: int,
+    precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of the linear memory, in the state dtype: the gradients of ``q, k, v, θ``, of the eight
+    coefficients (in :func:`_linear_fwd`'s order) and of ``w0, s0``, from the kept chunk-start states and the
+    cotangents ``dy [B, T, H, V]``, ``dw_end, ds_end [B, H, K, V]``."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    n_chunks = beta.shape[2]
+    bt, bk, bv = _tiles(chunk_size, key_dim, value_dim)
+    n_v = triton.cdiv(value_dim, bv)
+    shape_state = (batch, heads, key_dim, value_dim)
+    new = lambda *shape: w_start.new_empty(*shape)  # noqa: E731
+    dq, dk = new(n_v, batch, seq, heads, key_dim), new(n_v, batch, seq, heads, key_dim)
+    dv = new(batch, seq, heads, value_dim)
+    d_theta = new(n_v, batch, seq, heads)
+    d_rows = [new(n_v, batch, heads, n_chunks, chunk_size) for _ in range(4)]
+    d_c = new(n_v, batch, heads, n_chunks, chunk_size, chunk_size)
+    d_scalars = [new(n_v, batch, heads, n_chunks) for _ in range(3)]
+    dw0, ds0 = new(shape_state), new(shape_state)
+    wrap_triton(_bwd_kernel)[(n_v, batch * heads)](
+        q, k, v, theta, dy, beta, f, c, c_last, e_last, beta_last, f_last, h_last,
+        w_start, s_start, dw_end, ds_end, dq, dk, dv, d_theta, *d_rows, d_c, *d_scalars, dw0, ds0,
+        seq, n_chunks, batch,
+        H=heads, K=key_dim, V=value_dim, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, ACC=tl_dtype(w_start.dtype), PRECISION=precision,
+    )  # fmt: skip
+    d_beta, d_f, d_c_last, d_e_last = (x.sum(0) for x in d_rows)
+    d_beta_last, d_f_last, d_h_last = (x.sum(0) for x in d_scalars)
+    return (
+        dq.sum(0), dk.sum(0), dv, d_theta.sum(0),
+        d_beta, d_f, d_c.sum(0), d_beta_last, d_f_last, d_h_last, d_c_last, d_e_last, dw0, ds0,
+    )  # fmt: skip
+
+
+@_linear_bwd.register_fake
+def _(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w_start, s_start, dy, dw_end, ds_end, chunk_size, precision):
+    like = [q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, dw_end, ds_end]
+    return tuple(torch.empty(t.shape, dtype=w_start.dtype, device=t.device) for t in like)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    *tensors, w0, s0, chunk_size, _store_starts, precision = inputs
+    _, _, _, w_start, s_start = output
+    ctx.mark_non_differentiable(w_start, s_start)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors, w_start, s_start)
+    ctx.config = (chunk_size, precision)
+    ctx.dtypes = [t.dtype for t in tensors[:4]]
+
+
+def _linear_backward(ctx, dy, dw_end, ds_end, _dw_start, _ds_start):
+    *tensors, w_start, s_start = ctx.saved_tensors
+    chunk_size, precision = ctx.config
+    state_dtype = w_start.dtype
+    q, v = tensors[0], tensors[2]
+    dy = torch.zeros_like(v, dtype=state_dtype) if dy is None else dy.to(state_dtype).contiguous()
+    shape_state = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    dw_end = w_start.new_zeros(shape_state) if dw_end is None else dw_end.contiguous()
+    ds_end = w_start.new_zeros(shape_state) if ds_end is None else ds_end.contiguous()
+    grads = list(_linear_bwd(*tensors, w_start, s_start, dy, dw_end, ds_end, chunk_size, precision))
+    # q, k, v and θ get their gradients in their own dtypes; the coefficients and states are in the state dtype.
+    grads[:4] = [g.to(dt) for g, dt in zip(grads[:4], ctx.dtypes)]
+    return (*grads, None, None, None)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def neural_memory_linear_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -348,17 +442,13 @@ def neural_memory_triton_linear(
     retrieval: str = "token",
 ) -> tuple[torch.Tensor, LinearMemoryState]:
     """Linear memory with the Triton kernels; arguments and returns as :func:`.chunk.neural_memory_chunk_linear`."""
-    dtype = state.weight.dtype
-    coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
-    # The interpreter computes bf16 wrongly (specs/triton.md §1): hand it fp32 there.
-    if TRITON_INTERPRET and q.dtype == torch.bfloat16:
-        q, k, v, lr = (x.float() for x in (q, k, v, lr))
-    y, w, s = _LinearTritonFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(),
-        *(x.contiguous() for x in (coef.beta, coef.f, coef.C, coef.beta_last, coef.f_last, coef.h_last)),
-        coef.c_last.contiguous(), coef.e_last.contiguous(),
-        state.weight.contiguous(), state.momentum.contiguous(), chunk_size,
-    )  # fmt: skip
+    precision = dot_precision(q.dtype)
+    coef = gate_coefficients(momentum, decay, state.weight.dtype, chunk_size, retrieval)
+    # The interpreter computes bf16 wrongly: kernel_input hands it fp32 there.
+    q, k, v, lr = (kernel_input(x) for x in (q, k, v, lr))
+    inputs = (q, k, v, lr, *(getattr(coef, n).contiguous() for n in _COEFFICIENTS), state.weight.contiguous(), state.momentum.contiguous())
+    # The chunk-start states are stored only when a backward can follow.
+    y, w, s, _, _ = _linear_fwd(*inputs, chunk_size, needs_grad(*inputs), precision)
     return y, LinearMemoryState(w, s)
 
 
@@ -423,7 +513,7 @@ def _mlp_fwd_kernel(
     s1,
     s2,  # [B, H, K, HID], [B, H, HID, V] x2: the working state, updated in place
     ln_w,
-    ln_b,  # [H, V] (read only when HAS_LNW / HAS_LNB)
+    ln_b,  # [H, V] (read only when USE_LNW / USE_LNB)
     y,  # [B, T, H, V]
     T,
     N,
@@ -438,8 +528,8 @@ def _mlp_fwd_kernel(
     BH: tl.constexpr,
     ACT: tl.constexpr,
     RESNORM: tl.constexpr,
-    HAS_LNW: tl.constexpr,
-    HAS_LNB: tl.constexpr,
+    USE_LNW: tl.constexpr,
+    USE_LNB: tl.constexpr,
     EPS: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -456,12 +546,11 @@ def _mlp_fwd_kernel(
     o_j = tl.arange(0, BH)
     m_k = o_k < K
     m_v = o_v < V
-    m_c = o_t < CHUNK
-    if HAS_LNW:
+    if USE_LNW:
         lnw = tl.load(ln_w + i_h * V + o_v, mask=m_v, other=0.0).to(ACC)
     else:
         lnw = tl.where(m_v, 1.0, 0.0).to(ACC)
-    if HAS_LNB:
+    if USE_LNB:
         lnb = tl.load(ln_b + i_h * V + o_v, mask=m_v, other=0.0).to(ACC)
     else:
         lnb = tl.zeros([BV], dtype=ACC)
@@ -470,25 +559,10 @@ def _mlp_fwd_kernel(
     p_w2 = w2 + i_bh * HID * V
     p_s2 = s2 + i_bh * HID * V
     for n in range(N):
-        t = n * CHUNK + o_t
-        m_t = m_c & (t < T)
-        row = (i_b * T + t.to(tl.int64)) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
+        q_n, k_n, v_n, th, m_t, row = _chunk_tokens(q, k, v, theta, n, i_b, i_h, T, o_t, o_k, m_k, o_v, m_v, H, K, V, CHUNK, ACC)
         m_tv = m_t[:, None] & m_v[None, :]
-        q_n = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        k_n = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        v_n = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        th = tl.load(theta + row, mask=m_t, other=0.0).to(ACC)
         i_c = i_bh * N + n
-        p_row = i_c * CHUNK + o_t
-        b_n = tl.load(beta + p_row, mask=m_c, other=0.0)
-        f_n = tl.load(f + p_row, mask=m_c, other=0.0)
-        cl = tl.load(c_last + p_row, mask=m_c, other=0.0)
-        el = tl.load(e_last + p_row, mask=m_c, other=0.0)
-        c_n = tl.load(c + i_c * CHUNK * CHUNK + o_t[:, None] * CHUNK + o_t[None, :], mask=m_c[:, None] & m_c[None, :], other=0.0)
-        bl = tl.load(beta_last + i_c)
-        fl = tl.load(f_last + i_c)
-        hl = tl.load(h_last + i_c)
+        b_n, f_n, cl, el, c_n, bl, fl, hl = _chunk_coefficients(beta, f, c, c_last, e_last, beta_last, f_last, h_last, i_c, o_t, CHUNK)
 
         # Pass 1: the keys through the chunk-start MLP, for the output-layer gradient G2.
         z2 = tl.zeros([BT, BV], dtype=ACC)
@@ -523,8 +597,8 @@ def _mlp_fwd_kernel(
             w2b = tl.load(p_w2 + o_h[:, None] * V + o_v[None, :], mask=m_hv, other=0.0)
             s2b = tl.load(p_s2 + o_h[:, None] * V + o_v[None, :], mask=m_hv, other=0.0)
             z1 = tl.dot(k_n, w1b, input_precision=PRECISION, out_dtype=ACC)
-            # The transposed activations are recomputed from transposed loads rather than by
-            # transposing a dot result (a Hopper miscompile class, specs/triton.md §3).
+            # The transposed activations are recomputed from transposed operands rather than by
+            # transposing a dot result: tl.trans of a dot result has miscompiled on Hopper (fla #640).
             a_t = _act(tl.dot(tl.trans(w1b), tl.trans(k_n), input_precision=PRECISION, out_dtype=ACC), ACT)
             g1 = tl.dot(g2, tl.trans(w2b), input_precision=PRECISION, out_dtype=ACC) * _act_grad(z1, ACT)
             zq1 = b_n[:, None] * tl.dot(q_n, w1b, input_precision=PRECISION, out_dtype=ACC)
@@ -552,7 +626,61 @@ def _mlp_fwd_kernel(
         tl.debug_barrier()
 
 
-def neural_memory_triton_mlp_forward(
+@triton_op("seqzoo::neural_memory_mlp_triton_fwd", mutates_args=())
+def _mlp_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    beta: Tensor,
+    f: Tensor,
+    c: Tensor,
+    beta_last: Tensor,
+    f_last: Tensor,
+    h_last: Tensor,
+    c_last: Tensor,
+    e_last: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    chunk_size: int,
+    activation: str,
+    residual_norm: bool,
+    eps: float,
+    precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """MLP memory forward (no autograd): ``(y [B, T, H, V], w1, w2, s1, s2)`` in the accumulator dtype of the
+    state; the kernel updates copies of the state in place, the inputs are left alone."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    hidden = w1.shape[-1]
+    acc = acc_dtype(w1.dtype)
+    work = [t.to(acc).clone(memory_format=torch.contiguous_format) for t in (w1, w2, s1, s2)]
+    y = q.new_empty(batch, seq, heads, value_dim, dtype=acc)
+    bt = max(16, triton.next_power_of_2(chunk_size))
+    bk = max(16, triton.next_power_of_2(key_dim))
+    bv = max(16, triton.next_power_of_2(value_dim))
+    bh = max(16, min(32, triton.next_power_of_2(hidden)))
+    wrap_triton(_mlp_fwd_kernel)[(batch * heads,)](
+        q, k, v, theta, beta, f, c, c_last, e_last, beta_last, f_last, h_last, *work, ln_weight, ln_bias, y, seq, beta.shape[2],
+        H=heads, K=key_dim, V=value_dim, HID=hidden, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, BH=bh,
+        ACT=_ACT_CODES[activation], RESNORM=residual_norm, USE_LNW=ln_weight is not None, USE_LNB=ln_bias is not None, EPS=eps,
+        ACC=tl_dtype(w1.dtype), PRECISION=precision,
+    )  # fmt: skip
+    return (y, *work)
+
+
+@_mlp_fwd.register_fake
+def _(q, k, v, theta, beta, f, c, beta_last, f_last, h_last, c_last, e_last, w1, w2, s1, s2, ln_weight, ln_bias, *config):
+    acc = acc_dtype(w1.dtype)
+    y = q.new_empty(*q.shape[:3], v.shape[-1], dtype=acc)
+    return (y, *(torch.empty_like(t, dtype=acc, memory_format=torch.contiguous_format) for t in (w1, w2, s1, s2)))
+
+
+def neural_memory_mlp_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -565,33 +693,13 @@ def neural_memory_triton_mlp_forward(
     retrieval: str = "token",
 ) -> tuple[torch.Tensor, MLPMemoryState]:
     """MLP memory forward with Triton (no autograd: inference only); arguments as :func:`.chunk.neural_memory_chunk_mlp`."""
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    hidden = state.w1.shape[-1]
-    dtype = state.w1.dtype
-    tensor_dtype, acc, precision = _kernel_dtype(dtype, q.dtype)
+    precision = dot_precision(q.dtype)
     with torch.no_grad():
-        coef = gate_coefficients(momentum, decay, dtype, chunk_size, retrieval)
-        if TRITON_INTERPRET and q.dtype == torch.bfloat16:
-            q, k, v, lr = (x.float() for x in (q, k, v, lr))
-        work = MLPMemoryState(*(t.detach().to(tensor_dtype).clone(memory_format=torch.contiguous_format) for t in state))
-        y = q.new_empty(batch, seq, heads, value_dim, dtype=tensor_dtype)
-        bt = max(16, triton.next_power_of_2(chunk_size))
-        bk = max(16, triton.next_power_of_2(key_dim))
-        bv = max(16, triton.next_power_of_2(value_dim))
-        bh = max(16, min(32, triton.next_power_of_2(hidden)))
-        dummy = work.w1.new_empty(1)
-        _mlp_fwd_kernel[(batch * heads,)](
-            q.contiguous(), k.contiguous(), v.contiguous(), lr.contiguous(),
-            *(x.contiguous() for x in (coef.beta, coef.f, coef.C, coef.c_last, coef.e_last)),
-            *(x.contiguous() for x in (coef.beta_last, coef.f_last, coef.h_last)),
-            work.w1, work.w2, work.s1, work.s2,
-            dummy if spec.ln_weight is None else spec.ln_weight.detach().contiguous(),
-            dummy if spec.ln_bias is None else spec.ln_bias.detach().contiguous(),
-            y, seq, coef.beta.shape[2],
-            H=heads, K=key_dim, V=value_dim, HID=hidden, CHUNK=chunk_size, BT=bt, BK=bk, BV=bv, BH=bh,
-            ACT=_ACT_CODES[spec.activation], RESNORM=spec.residual_norm,
-            HAS_LNW=spec.ln_weight is not None, HAS_LNB=spec.ln_bias is not None, EPS=spec.eps,
-            ACC=acc, PRECISION=precision,
+        coef = gate_coefficients(momentum, decay, state.w1.dtype, chunk_size, retrieval)
+        q, k, v, lr = (kernel_input(x) for x in (q, k, v, lr))
+        ln = [None if t is None else t.detach().contiguous() for t in (spec.ln_weight, spec.ln_bias)]
+        y, *work = _mlp_fwd(
+            q, k, v, lr, *(getattr(coef, n).contiguous() for n in _COEFFICIENTS), *(t.detach() for t in state), *ln,
+            chunk_size, spec.activation, spec.residual_norm, spec.eps, precision,
         )  # fmt: skip
-    return y, work
+    return y, MLPMemoryState(*work)

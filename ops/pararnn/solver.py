@@ -285,18 +285,21 @@ class FusedNewtonFunction(torch.autograd.Function):
 
     Forward: one launch runs the initial guess and all ``max_iters`` iterations (Jacobians built in
     registers); backward: one launch for ``λ``, then the same batched VJP through ``cell.step``. Computes in
-    fp32 (fp64 for fp64 inputs); saves only ``u``, ``initial`` and ``H``.
+    fp32 (fp64 for fp64 inputs); saves only ``u``, ``initial`` and ``H``. The two launches are the
+    ``torch.library`` ops ``seqzoo::pararnn_fused_fwd`` and ``seqzoo::pararnn_fused_adjoint``; the autograd
+    stays in this Function because its backward differentiates the cell module's ``step``, which an op
+    cannot take as an argument.
     """
 
     @staticmethod
     def forward(ctx, cell, config, kind, u, initial, *params):  # type: ignore[override]
-        from seqzoo.ops.pararnn.triton_fused import fused_newton
+        from seqzoo.ops.pararnn.triton_fused import pararnn_fused
 
         compute = compute_dtype(u)
         rec, peep = _fused_vectors(cell, kind, compute)
         init = None if initial is None else initial.to(compute)
         zero_guess = config.init_guess == "zeros"
-        h = fused_newton(kind, u.to(compute), rec, peep, init, config.max_iters, config.omega, zero_guess, config.chunk_size)
+        h = pararnn_fused(kind, u.to(compute), rec, peep, init, config.max_iters, config.omega, zero_guess, config.chunk_size)
         ctx.save_for_backward(u, initial, h)
         ctx.cell, ctx.config, ctx.kind = cell, config, kind
         return h.to(u.dtype)
@@ -304,14 +307,14 @@ class FusedNewtonFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h):  # type: ignore[override]
-        from seqzoo.ops.pararnn.triton_fused import fused_adjoint
+        from seqzoo.ops.pararnn.triton_fused import pararnn_fused_adjoint
 
         u, initial, h = ctx.saved_tensors
         h = h.detach()
         cell, kind = ctx.cell, ctx.kind
         rec, peep = _fused_vectors(cell, kind, h.dtype)
         with torch.no_grad():
-            lam = fused_adjoint(kind, u.to(h.dtype), rec, peep, h, grad_h, ctx.config.chunk_size)
+            lam = pararnn_fused_adjoint(kind, u.to(h.dtype), rec, peep, h, grad_h, ctx.config.chunk_size)
         needs = ctx.needs_input_grad
         params = cell.recurrent_parameters()
         grads = step_vjp(cell, params, u, initial, h, lam, needs[3], needs[4], needs[5:])

@@ -1,4 +1,9 @@
-"""Fused Triton kernels for ParaGRU and ParaLSTM: the whole Newton solve in one launch (``pararnn.md`` §1.7).
+"""Fused Triton kernels for ParaGRU and ParaLSTM: the whole Newton solve in one launch.
+
+Fusing pays because an iteration of the unfused solve is several passes over ``[batch, seq, state]``
+tensors (the step with its Jacobian, the residual, the scan, the update), while the cells are channel-wise:
+one program can rebuild ``f`` and ``A_t`` from the previous iterate in registers and scan them in the same
+pass, so an iteration reads the inputs and the previous iterate once and writes the new one once.
 
 Forward, grid ``(cdiv(N, BD), batch)``. A program owns ``BD`` channels of one sequence (the recurrence is
 channel-wise, so nothing crosses programs) and runs, in one launch:
@@ -23,7 +28,13 @@ Layouts: ``u [batch, seq, 3, N]`` (the cells' ``prepare`` output, channel-contig
 recurrent vectors ``a [3, N]`` (and ParaLSTM's peepholes ``p [2, N]``), states ``[batch, seq, S]`` with
 ``S = N`` (GRU) or ``2N`` as ``[c; h]`` (LSTM). Everything in the compute dtype (fp32, or fp64 for fp64
 inputs). The math is exactly ``ParaGRU.step_and_jacobian`` / ``ParaLSTM._forward``; ``tanh`` is
-``2σ(2x) − 1`` (libdevice ``tanh`` does not run in the interpreter).
+``2σ(2x) − 1`` (libdevice ``tanh`` does not run in the interpreter). There is no ``tl.dot`` (the
+recurrences are channel-wise), so no dot precision to choose.
+
+Both launches are ``torch.library`` ops with fake implementations (``seqzoo::pararnn_fused_fwd``,
+``seqzoo::pararnn_fused_adjoint``), so ``torch.compile`` sees one op each. Their autograd stays in
+:class:`~seqzoo.ops.pararnn.solver.FusedNewtonFunction`: the backward ends in a VJP through the cell's own
+``step`` (an ``nn.Module`` method, with its parameters), which cannot be an op argument.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from seqzoo.ops.affine_scan.triton_scan import _block2_combine, _diag_combine
 
@@ -77,7 +90,7 @@ def _lstm_cell(c, h, uf, uo, uc, af, ao, ac, pf, po):
 @triton.jit
 def _gru_fwd_kernel(
     u_ptr, a_ptr, h0_ptr, omega_ptr, h_ptr, T, N, max_iters,
-    HAS_H0: tl.constexpr, ZERO_GUESS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    USE_H0: tl.constexpr, ZERO_GUESS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     i_d = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -91,7 +104,7 @@ def _gru_fwd_kernel(
     omega = tl.load(omega_ptr)
     u_base = u_ptr + i_b * T * 3 * N
     h_base = h_ptr + i_b * T * N
-    if HAS_H0:
+    if USE_H0:
         init = tl.load(h0_ptr + i_b * N + o_d, mask=m_d, other=0.0).to(dt)
     else:
         init = tl.zeros([BD], dtype=dt)
@@ -146,7 +159,7 @@ def _gru_fwd_kernel(
 @triton.jit
 def _lstm_fwd_kernel(
     u_ptr, a_ptr, p_ptr, h0_ptr, omega_ptr, h_ptr, T, N, max_iters,
-    HAS_H0: tl.constexpr, ZERO_GUESS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    USE_H0: tl.constexpr, ZERO_GUESS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     i_d = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -162,7 +175,7 @@ def _lstm_fwd_kernel(
     omega = tl.load(omega_ptr)
     u_base = u_ptr + i_b * T * 3 * N
     h_base = h_ptr + i_b * T * 2 * N  # [c; h] rows of width 2N
-    if HAS_H0:
+    if USE_H0:
         init_c = tl.load(h0_ptr + i_b * 2 * N + o_d, mask=m_d, other=0.0).to(dt)
         init_h = tl.load(h0_ptr + i_b * 2 * N + N + o_d, mask=m_d, other=0.0).to(dt)
     else:
@@ -321,7 +334,61 @@ def _blocks(kind: str, seq: int, hidden: int, chunk_size: int | None, block_d: i
     return bt, min(triton.next_power_of_2(bd), triton.next_power_of_2(hidden))
 
 
-def fused_newton(
+@triton_op("seqzoo::pararnn_fused_fwd", mutates_args=())
+def _pararnn_fused_fwd(
+    u: Tensor,
+    rec: Tensor,
+    peep: Tensor | None,
+    h0: Tensor | None,
+    kind: str,
+    max_iters: int,
+    omega: float,
+    zero_guess: bool,
+    chunk_size: int | None,
+    block_d: int | None,
+) -> Tensor:
+    """The Newton states ``[batch, seq, S]`` (see :func:`pararnn_fused`); inputs contiguous in one dtype."""
+    batch, seq, _, hidden = u.shape
+    h = u.new_empty(batch, seq, hidden if kind == "gru" else 2 * hidden)
+    omega_t = torch.full((1,), omega, dtype=u.dtype, device=u.device)
+    bt, bd = _blocks(kind, seq, hidden, chunk_size, block_d)
+    grid = (triton.cdiv(hidden, bd), batch)
+    flags = dict(USE_H0=h0 is not None, ZERO_GUESS=zero_guess, BT=bt, BD=bd)
+    if kind == "gru":
+        wrap_triton(_gru_fwd_kernel)[grid](u, rec, h0, omega_t, h, seq, hidden, max_iters, **flags)
+    else:
+        wrap_triton(_lstm_fwd_kernel)[grid](u, rec, peep, h0, omega_t, h, seq, hidden, max_iters, **flags)
+    return h
+
+
+@_pararnn_fused_fwd.register_fake
+def _(u, rec, peep, h0, kind, max_iters, omega, zero_guess, chunk_size, block_d):
+    batch, seq, _, hidden = u.shape
+    return u.new_empty(batch, seq, hidden if kind == "gru" else 2 * hidden)
+
+
+@triton_op("seqzoo::pararnn_fused_adjoint", mutates_args=())
+def _pararnn_fused_adjoint(
+    u: Tensor, rec: Tensor, peep: Tensor | None, h: Tensor, grad: Tensor, kind: str, chunk_size: int | None, block_d: int | None
+) -> Tensor:
+    """``λ [batch, seq, S]`` (see :func:`pararnn_fused_adjoint`); inputs contiguous in one dtype."""
+    batch, seq, _, hidden = u.shape
+    lam = torch.empty_like(h)
+    bt, bd = _blocks(kind, seq, hidden, chunk_size, block_d)
+    grid = (triton.cdiv(hidden, bd), batch)
+    if kind == "gru":
+        wrap_triton(_gru_bwd_kernel)[grid](u, rec, h, grad, lam, seq, hidden, BT=bt, BD=bd)
+    else:
+        wrap_triton(_lstm_bwd_kernel)[grid](u, rec, peep, h, grad, lam, seq, hidden, BT=bt, BD=bd)
+    return lam
+
+
+@_pararnn_fused_adjoint.register_fake
+def _(u, rec, peep, h, grad, kind, chunk_size, block_d):
+    return torch.empty_like(h)
+
+
+def pararnn_fused(
     kind: str,
     u: torch.Tensor,
     rec: torch.Tensor,
@@ -339,24 +406,12 @@ def fused_newton(
     ``None``; all in the compute dtype (fp32 or fp64) on one device. ``chunk_size`` is the time tile
     (rounded up to a power of two), ``block_d`` the channels per program.
     """
-    u, rec = u.contiguous(), rec.contiguous()
-    batch, seq, _, hidden = u.shape
-    size = hidden if kind == "gru" else 2 * hidden
-    h = torch.empty(batch, seq, size, dtype=u.dtype, device=u.device)
     h0 = None if initial is None else initial.to(u.dtype).contiguous()
-    omega_t = torch.tensor([omega], dtype=u.dtype, device=u.device)
-    bt, bd = _blocks(kind, seq, hidden, chunk_size, block_d)
-    grid = (triton.cdiv(hidden, bd), batch)
-    flags = dict(HAS_H0=h0 is not None, ZERO_GUESS=zero_guess, BT=bt, BD=bd)
-    h0_arg = h0 if h0 is not None else h
-    if kind == "gru":
-        _gru_fwd_kernel[grid](u, rec, h0_arg, omega_t, h, seq, hidden, max_iters, **flags)
-    else:
-        _lstm_fwd_kernel[grid](u, rec, peep.contiguous(), h0_arg, omega_t, h, seq, hidden, max_iters, **flags)
-    return h
+    peep = None if peep is None else peep.contiguous()
+    return _pararnn_fused_fwd(u.contiguous(), rec.contiguous(), peep, h0, kind, max_iters, float(omega), zero_guess, chunk_size, block_d)
 
 
-def fused_adjoint(
+def pararnn_fused_adjoint(
     kind: str,
     u: torch.Tensor,
     rec: torch.Tensor,
@@ -368,15 +423,8 @@ def fused_adjoint(
 ) -> torch.Tensor:
     """``λ [batch, seq, S]`` of ``λ_t = g_t + A_{t+1}ᵀ λ_{t+1}`` with the Jacobians rebuilt at the solution ``h``.
 
-    Shapes and dtypes as in :func:`fused_newton`; ``grad [batch, seq, S]`` is ``∂L/∂H``.
+    Shapes and dtypes as in :func:`pararnn_fused`; ``grad [batch, seq, S]`` is ``∂L/∂H``.
     """
-    u, rec, h, grad = u.contiguous(), rec.contiguous(), h.contiguous(), grad.to(u.dtype).contiguous()
-    batch, seq, _, hidden = u.shape
-    lam = torch.empty_like(h)
-    bt, bd = _blocks(kind, seq, hidden, chunk_size, block_d)
-    grid = (triton.cdiv(hidden, bd), batch)
-    if kind == "gru":
-        _gru_bwd_kernel[grid](u, rec, h, grad, lam, seq, hidden, BT=bt, BD=bd)
-    else:
-        _lstm_bwd_kernel[grid](u, rec, peep.contiguous(), h, grad, lam, seq, hidden, BT=bt, BD=bd)
-    return lam
+    peep = None if peep is None else peep.contiguous()
+    args = (u.contiguous(), rec.contiguous(), peep, h.contiguous(), grad.to(u.dtype).contiguous())
+    return _pararnn_fused_adjoint(*args, kind, chunk_size, block_d)

@@ -62,6 +62,6 @@ def simple_gla(
         return simple_gla_reference(q, k, v, g, **kwargs)
     if impl == "torch":
         return simple_gla_chunk(q, k, v, g, **kwargs)
-    from seqzoo.ops.simple_gla.triton import simple_gla_triton, simple_gla_triton_recurrent
+    from seqzoo.ops.simple_gla.triton import simple_gla_fused, simple_gla_triton
 
-    return (simple_gla_triton_recurrent if impl == "fused" else simple_gla_triton)(q, k, v, g, **kwargs)
+    return (simple_gla_fused if impl == "fused" else simple_gla_triton)(q, k, v, g, **kwargs)

@@ -8,8 +8,9 @@ they are the GPU session's checks, not part of the CPU suite's coverage.
 Each op case gives float64 inputs on the CPU and a call ``(inputs, backend) -> outputs``. The oracle is
 ``backend="reference"`` (the token loop) in float64 on the CPU; the candidates are the Triton and the
 chunked PyTorch backends on the GPU. Outputs and the gradients of random cotangents are compared by
-relative error. fp32 tolerances follow the kernels' precision: the delta-rule and neural-memory
-kernels take their products in IEEE fp32, the GLA kernels in Triton's default tf32 (≈1e-3 per product).
+relative error. fp32 tolerances follow the kernels' precision: every kernel now takes its fp32 products in
+IEEE fp32 (``seqzoo.ops.core.precision.dot_precision``); the GLA cases keep the 5e-3 they were given when
+their kernels ran in tf32 (≈1e-3 per product), until a GPU run has measured the IEEE figure.
 bf16 is judged against the chunked PyTorch path in bf16 on the same inputs: Triton may not be more
 than 2× (plus a small floor) further from the float64 oracle than it.
 """

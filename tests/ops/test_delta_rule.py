@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqzoo.ops.core import OpInputError, checking
+from seqzoo.ops.core import ChunkLayout, OpInputError, checking
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
 from seqzoo.ops.gated_delta_rule import triton as gdr_triton
@@ -316,8 +316,8 @@ def test_triton_fused_recurrent(gated, seq, monkeypatch):
     x = make_inputs(2, seq, 2, 16, 32, dtype=torch.float32, seed=111)
     ref = run(x, gated=gated, backend="reference")
     calls = []
-    kernel = gdr_triton.fused_recurrent_gated_delta_rule
-    monkeypatch.setattr(gdr_triton, "fused_recurrent_gated_delta_rule", lambda *a: calls.append(1) or kernel(*a))
+    kernel = gdr_triton.gated_delta_rule_fused
+    monkeypatch.setattr(gdr_triton, "gated_delta_rule_fused", lambda *a: calls.append(1) or kernel(*a))
     with torch.no_grad():
         out = run(x, gated=gated, backend="fused")
         assert calls, "backend='fused' runs the fused recurrent kernel"
@@ -334,7 +334,7 @@ def test_triton_fused_recurrent_packed_bf16():
     offsets = torch.tensor([0, 3, 20])
     x = make_inputs(1, 20, 2, 20, 12, dtype=torch.float32, seed=121, num_states=2)  # masked K and V tiles
     ref = run(x, cu_seqlens=offsets, backend="reference")
-    out = gdr_triton.fused_recurrent_gated_delta_rule(
+    out = gdr_triton.gated_delta_rule_fused(
         *(x[n].bfloat16() for n in ("q", "k", "v", "beta", "g")), 0.25, x["initial_state"], True, offsets
     )
     assert out[0].dtype == torch.bfloat16
@@ -375,7 +375,10 @@ def test_triton_gradcheck(gated):
 
 def test_triton_offsets_are_int64():
     # A chunk index times a stride past 2^31 would wrap in int32 (fla #1080): the host metadata is int64.
-    cu, chunk_indices, chunk_offsets = gdr_triton._prepare_chunks(None, 3, 130, torch.device("cpu"))
+    from seqzoo.ops.core.triton_host import packed_indices
+
+    # A dense [3, 130] batch described as the packing of its flattened view.
+    cu, chunk_indices, chunk_offsets = packed_indices(ChunkLayout.build(3, 130, 64, None, torch.device("cpu")))
     assert cu.dtype == torch.int64 and chunk_offsets.dtype == torch.int64
     assert cu.tolist() == [0, 130, 260, 390]
     assert chunk_indices.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]

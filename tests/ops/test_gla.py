@@ -184,7 +184,7 @@ def test_triton_matches_reference(seq, h0):
 def test_triton_recurrent_matches_reference():
     q, k, v, g, h0 = (t.float() for t in make_inputs(2, 40, 2, 24, 16))
     o_ref, ht_ref = gla_reference(q, k, v, g, initial_state=h0, output_final_state=True)
-    o, ht = _triton("gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, ht = _triton("gla_fused")(q, k, v, g, initial_state=h0, output_final_state=True)
     assert_rel_close(o, o_ref, 1e-5, "o")
     assert_rel_close(ht, ht_ref, 1e-5, "final_state")
     o_pub, _ = gla(q, k, v, g, initial_state=h0, backend="fused")
@@ -199,7 +199,7 @@ def test_triton_cu_seqlens_equals_loop():
     ref = outputs_and_grads(gla_reference, q, k, v, g, h0, cu_seqlens=cu)
     assert_all_close(outputs_and_grads(gla, q, k, v, g, h0, cu_seqlens=cu, backend="triton"), ref, 1e-4)
     with torch.no_grad():
-        o_rec, ht_rec = _triton("gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        o_rec, ht_rec = _triton("gla_fused")(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert_rel_close(o_rec, ref[0], 1e-5, "o")
     assert_rel_close(ht_rec, ref[1], 1e-5, "final_state")
 

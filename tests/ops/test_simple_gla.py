@@ -234,7 +234,7 @@ def test_triton_matches_reference(seq, gate, h0):
 def test_triton_recurrent_matches_reference(gate):
     q, k, v, g, h0 = (None if t is None else t.float() for t in make_inputs(2, 40, 2, 16, 24, gate=gate))
     o_ref, ht_ref = simple_gla_reference(q, k, v, g, initial_state=h0, output_final_state=True)
-    o, ht = _triton("simple_gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, ht = _triton("simple_gla_fused")(q, k, v, g, initial_state=h0, output_final_state=True)
     assert_rel_close(o, o_ref, 1e-5, "o")
     assert_rel_close(ht, ht_ref, 1e-5, "final_state")
     # The public function takes this path for short inputs without grad: same numbers.
@@ -251,7 +251,7 @@ def test_triton_cu_seqlens_equals_loop():
     assert_all_close(outputs_and_grads(simple_gla, q, k, v, g, h0, cu_seqlens=cu, backend="triton"), ref, 1e-4)
     o_loop, ht_loop = split_by_sequence(simple_gla, q, k, v, g, h0, offsets, backend="triton")
     with torch.no_grad():
-        o_rec, ht_rec = _triton("simple_gla_triton_recurrent")(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        o_rec, ht_rec = _triton("simple_gla_fused")(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     for o, ht in ((o_loop, ht_loop), (o_rec, ht_rec)):
         assert_rel_close(o, ref[0], 1e-5, "o")
         assert_rel_close(ht, ref[1], 1e-5, "final_state")
