@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
-from seqzoo.models.base import TokenMixer, check_hidden
+from seqzoo.models.base import TokenMixer, check_hidden, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
@@ -346,7 +346,7 @@ class TitansLMM(TokenMixer):
         retrieval: str = "token",
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        head_dim = head_dim_for(self.mixer_name, hidden_size, num_heads, head_dim)
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.memory = _MemoryBranch(
             "titans_lmm", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
@@ -432,7 +432,7 @@ class TitansMAG(TokenMixer):
         rope_theta: float | None = 10000.0,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        head_dim = head_dim_for(self.mixer_name, hidden_size, num_heads, head_dim)
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         self.memory = _MemoryBranch(
             "titans_mag", hidden_size, num_heads, head_dim, chunk_size, memory, mlp_expansion, mlp_activation,
@@ -596,7 +596,7 @@ class TitansMAC(TokenMixer):
         rope_theta: float | None = 10000.0,
     ) -> None:
         super().__init__()
-        head_dim = hidden_size // max(num_heads, 1) if head_dim is None else head_dim
+        head_dim = head_dim_for(self.mixer_name, hidden_size, num_heads, head_dim)
         self.hidden_size, self.layer_idx = hidden_size, layer_idx
         width = num_heads * head_dim
         self.memory = _MemoryBranch(
