@@ -136,9 +136,34 @@ def test_atomic_checkpoint_io_and_damaged_files(tmp_path):
     assert torch.equal(io.load_checkpoint(target)["x"], torch.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
     target.write_bytes(target.read_bytes()[:20])
-    with pytest.raises(ValueError, match="a.ckpt is unreadable") as info:
+    with pytest.raises(ValueError, match="a.ckpt is not a seqzoo checkpoint") as info:
         read_checkpoint(target)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "empty", "foreign pickle", "pickled module", "no run config"])
+def test_a_damaged_or_foreign_checkpoint_is_named_and_never_advises_unpickling(tmp_path, kind):
+    path = tmp_path / "model.ckpt"
+    if kind == "random":
+        path.write_bytes(bytes(range(256)) * 16)
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"factory": shutil.copy}))
+    elif kind == "pickled module":
+        torch.save({"model": torch.nn.Linear(2, 2)}, path)
+    else:
+        torch.save({"state_dict": {}}, path)
+    # torch's own message for the pickles says "Re-running torch.load with weights_only set to False will likely
+    # succeed": advice to run code from a file that is not what it claims to be.
+    with pytest.raises(ValueError, match=r"model\.ckpt is not a seqzoo checkpoint") as info:
+        load_language_model(path)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_trains_and_reports(tmp_path):
