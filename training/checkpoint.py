@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle also draws torch's "Detected pickle protocol 4" warning; the error below says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises EOFError, OSError, KeyError, UnpicklingError… for damaged files
         # torch's own message suggests retrying with weights_only=False, i.e. unpickling arbitrary code from a
         # file that is not what it claims to be: never pass that on. Name the file and what went wrong only.
