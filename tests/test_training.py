@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,31 @@ def test_cli_trains_and_reports(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     bad = subprocess.run([*cmd[:2], "trainer.max_step=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "max_step" in bad.stderr
+
+
+def test_ddp_test_metrics_count_every_example_once(tmp_path, capfd):
+    # 3 test batches on 2 ranks: DistributedSampler padded rank 1 with a copy of batch 0, which the test then
+    # counted twice; and Lightning warned "It is recommended to use self.log('test/loss', ..., sync_dist=True)".
+    segments = "[{seq_len:16,num_kv_pairs:2,num_examples:16},{seq_len:32,num_kv_pairs:4,num_examples:16},{seq_len:32,num_kv_pairs:2,num_examples:16}]"
+    cfg = make_cfg("trainer=ddp", "trainer.strategy=ddp_fork", "trainer.max_steps=4", f"data.test_segments={segments}")
+    with warnings.catch_warnings():
+        # pytest records warnings in a list, which the forked ranks cannot hand back: print them to fd 2 instead.
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *args, **kwargs: os.write(2, f"{category.__name__}: {message}\n".encode())
+        result = training.run(cfg, tmp_path)
+    assert "sync_dist" not in "".join(capfd.readouterr())
+    # The same checkpoint scored in this one process, every test batch once.
+    model, _ = load_language_model(result["checkpoint"])
+    datamodule = training.build_datamodule(cfg)
+    datamodule.setup("test")
+    hits, counts, loss_sum = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0.0
+    with torch.no_grad():
+        for batch in (datamodule.test_set[i] for i in range(len(datamodule.test_set))):
+            loss, correct, count = model.loss(batch["input_ids"], batch["labels"])
+            hits[batch["segment"]] += correct.item()
+            counts[batch["segment"]] += count.item()
+            loss_sum += loss.item() * count.item()
+    assert result["test"]["test/loss"] == pytest.approx(loss_sum / counts.sum().item(), rel=1e-6)
+    assert result["test"]["test/acc"] == pytest.approx((hits.sum() / counts.sum()).item(), abs=1e-9)
+    for name, hit, count in zip(datamodule.segment_names, hits, counts):
+        assert result["test"][f"test/acc/{name}"] == pytest.approx((hit / count).item(), abs=1e-9)
