@@ -179,15 +179,31 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_never_advises_unpickling(t
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
 
+# What every run printed before train.py filtered it (twice: fit and test).
+NOISE = ["set_vital", "LeafSpec", "litlogger", "GPU available", "TPU available", "Experiment logs directory", "Warning", "warn("]
+
+
 def test_cli_trains_and_reports(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    done = subprocess.run([*cmd, "trainer.enable_progress_bar=true"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    # What the user needs: what runs where, the progress bar, the metrics; and none of the noise.
+    assert "seqzoo: attention ×2 (hidden 16, vocab 64" in done.stdout and "Epoch 0: " in done.stdout
     assert "test: test/acc=" in done.stdout
+    assert [noise for noise in NOISE if noise in output] == []
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     bad = subprocess.run([*cmd[:2], "trainer.max_step=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "max_step" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cli_gpu_trainer_without_a_gpu_is_one_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=gpu", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, cwd=ROOT, timeout=300)
+    # It was a 24-line traceback ending in MisconfigurationException.
+    assert done.returncode == 1 and re.fullmatch(r"error: trainer config: accelerator=gpu needs a GPU[^\n]*", done.stderr.strip())
 
 
 def metric_rows(run_dir):
