@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from seqzoo.eval.measure import peak_memory, time_call
-from seqzoo.eval.report import write_report
+from seqzoo.eval.report import progress, write_report
 from seqzoo.models import LanguageModel, build_mixer
 
 BASELINE = "attention"
@@ -61,7 +61,8 @@ def bench_mixers(
 
     Each mixer is measured at every sequence length next to :data:`BASELINE` (added if missing);
     ``*_vs_attention`` columns are throughput ratios against it in the same run.
-    Writes ``bench.json``, ``bench.md`` and ``bench.png`` (fwd+bwd tokens/s against length).
+    Writes ``bench_<kind>.json``, ``.md`` and ``.png`` (fwd+bwd tokens/s against length), named like the other
+    benchmarks' ``bench_ops.*``, ``bench_titans.*`` and ``bench_pararnn.*``.
     """
     if kind not in ("models", "layers"):
         raise ValueError(f"bench: kind must be models or layers, got {kind!r}")
@@ -69,49 +70,48 @@ def bench_mixers(
     names = [BASELINE] + [m for m in mixers if m != BASELINE]
     mixer_options = mixer_options or {}
     rows: list[dict[str, Any]] = []
-    for seq in seq_lens:
-        for name in names:
-            torch.manual_seed(0)
-            module = _build(kind, name, hidden, layers, vocab, mixer_options.get(name, {}), dev, dt)
-            x = _inputs(kind, batch, seq, hidden, vocab, dev, dt)
+    for seq, name in progress([(seq, name) for seq in seq_lens for name in names], f"bench {kind} (length, mixer)"):
+        torch.manual_seed(0)
+        module = _build(kind, name, hidden, layers, vocab, mixer_options.get(name, {}), dev, dt)
+        x = _inputs(kind, batch, seq, hidden, vocab, dev, dt)
 
-            def forward() -> None:
-                with torch.no_grad():
-                    module(x)
+        def forward() -> None:
+            with torch.no_grad():
+                module(x)
 
-            def forward_backward() -> None:
-                module.zero_grad(set_to_none=True)
-                out = module(x)
-                out.float().square().mean().backward()
+        def forward_backward() -> None:
+            module.zero_grad(set_to_none=True)
+            out = module(x)
+            out.float().square().mean().backward()
 
-            def decode() -> None:
-                with torch.no_grad():
-                    cache = module.init_cache(batch)
-                    module(x, cache=cache)
-                    step = x[:, -1:]
-                    for _ in range(decode_tokens):
-                        module(step, cache=cache)
+        def decode() -> None:
+            with torch.no_grad():
+                cache = module.init_cache(batch)
+                module(x, cache=cache)
+                step = x[:, -1:]
+                for _ in range(decode_tokens):
+                    module(step, cache=cache)
 
-            def prefill_only() -> None:
-                with torch.no_grad():
-                    module(x, cache=module.init_cache(batch))
+        def prefill_only() -> None:
+            with torch.no_grad():
+                module(x, cache=module.init_cache(batch))
 
-            t_fwd = time_call(forward, dev, repeats=repeats)
-            t_fb = time_call(forward_backward, dev, repeats=repeats)
-            t_prefill = time_call(prefill_only, dev, repeats=repeats)
-            t_decode = max(1e-9, time_call(decode, dev, repeats=repeats) - t_prefill)
-            tokens = batch * seq
-            rows.append(
-                {
-                    "mixer": name,
-                    "seq_len": seq,
-                    "fwd_tok_s": tokens / t_fwd,
-                    "fwd_bwd_tok_s": tokens / t_fb,
-                    "decode_tok_s": batch * decode_tokens / t_decode,
-                    "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
-                    "state_bytes": module.state_size(batch=batch, seq_len=seq),
-                }
-            )
+        t_fwd = time_call(forward, dev, repeats=repeats)
+        t_fb = time_call(forward_backward, dev, repeats=repeats)
+        t_prefill = time_call(prefill_only, dev, repeats=repeats)
+        t_decode = max(1e-9, time_call(decode, dev, repeats=repeats) - t_prefill)
+        tokens = batch * seq
+        rows.append(
+            {
+                "mixer": name,
+                "seq_len": seq,
+                "fwd_tok_s": tokens / t_fwd,
+                "fwd_bwd_tok_s": tokens / t_fb,
+                "decode_tok_s": batch * decode_tokens / t_decode,
+                "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
+                "state_bytes": module.state_size(batch=batch, seq_len=seq),
+            }
+        )
     base = {r["seq_len"]: r for r in rows if r["mixer"] == BASELINE}
     for r in rows:
         for key in ("fwd_tok_s", "fwd_bwd_tok_s", "decode_tok_s"):
@@ -153,7 +153,7 @@ def bench_mixers(
     ]
     write_report(
         out_dir,
-        "bench",
+        f"bench_{kind}",
         {"settings": settings},
         rows,
         columns,

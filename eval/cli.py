@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--block-size", type=int)
     ppl.add_argument("--max-documents", type=int)
     ppl.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ppl.add_argument("--max-batches", type=int)
+    ppl.add_argument(
+        "--max-batches",
+        type=int,
+        help="evaluation batches, spread evenly over the split (default: the run's data.eval_batches, as its test; 0: the whole split)",
+    )
 
     mqar = sub.add_parser("mqar", help="MQAR accuracy of a checkpoint per (seq_len, num_kv_pairs) segment")
     mqar.add_argument("checkpoint")
