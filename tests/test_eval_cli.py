@@ -297,3 +297,16 @@ def test_cpu_peak_memory_passes_stderr_on_without_the_profiler_chatter(capfd):
     err = capfd.readouterr().err
     assert "a message of the measured code" in err
     assert "USDT" not in err and "CPUAllocator" not in err
+
+
+def test_eval_threads_flag_sets_torch_threads(mqar_run, tmp_path, capsys):
+    checkpoint, _ = mqar_run
+    before = torch.get_num_threads()
+    try:
+        assert main(["mqar", str(checkpoint), "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["mqar", str(checkpoint), "--threads", "0"])
+    assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
