@@ -194,16 +194,10 @@ def test_cli_trains_and_reports(tmp_path):
     assert "test: test/acc=" in done.stdout
     assert [noise for noise in NOISE if noise in output] == []
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    bad = subprocess.run([*cmd[:2], "trainer.max_step=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert bad.returncode != 0 and "max_step" in bad.stderr
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_cli_gpu_trainer_without_a_gpu_is_one_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=gpu", f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, cwd=ROOT, timeout=300)
-    # It was a 24-line traceback ending in MisconfigurationException.
-    assert done.returncode == 1 and re.fullmatch(r"error: trainer config: accelerator=gpu needs a GPU[^\n]*", done.stderr.strip())
+    # A wrong type failed inside Lightning: "'<' not supported between instances of 'str' and 'int'".
+    bad = subprocess.run([*cmd[:2], "trainer.max_steps=abc"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "trainer.max_steps=abc" in bad.stderr and "Value 'abc'" in bad.stderr
+    assert "not supported" not in bad.stderr
 
 
 def metric_rows(run_dir):
