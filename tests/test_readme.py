@@ -13,6 +13,7 @@ how to run fails the test; only the set-up section's install and CI commands are
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -167,8 +168,16 @@ def run_train(argv: list[str], workdir: Path, count: int) -> int:
     return 0
 
 
+@dataclass
+class ReadmeRun:
+    """The scratch folder the README's commands ran in, and the commands with their results."""
+
+    workdir: Path
+    commands: list[Command]
+
+
 @pytest.fixture(scope="module")
-def readme_run(tmp_path_factory) -> list[Command]:
+def readme_run(tmp_path_factory) -> ReadmeRun:
     """Every README command run in order in one scratch folder (the chain a new user follows)."""
     workdir = tmp_path_factory.mktemp("readme")
     user_files(workdir)
@@ -178,9 +187,8 @@ def readme_run(tmp_path_factory) -> list[Command]:
     try:
         for i, command in enumerate(commands):
             program = command.argv[:2] if command.argv[0] == "python" else command.argv[:1]
-            if program == ["pip"] or program == ["ruff"] or command.argv[:3] == ["python", "-m", "pytest"]:
-                command.returncode = None  # set-up and CI commands: this test runs inside them
-                continue
+            if setup_only(command):
+                continue  # pip and the CI command: this test runs inside them
             before = {p: p.stat().st_mtime_ns for p in Path("results").rglob("*") if p.is_file()} if Path("results").exists() else {}
             stdout, stderr = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -196,10 +204,16 @@ def readme_run(tmp_path_factory) -> list[Command]:
             torch.set_num_threads(threads)  # `threads=1` and `--threads` commands set the count for their run only
     finally:
         os.chdir(cwd)
-    return commands
+    return ReadmeRun(workdir, commands)
+
+
+def setup_only(command: Command) -> bool:
+    """An install or CI command of the set-up section (this test runs inside the CI command)."""
+    return command.argv[0] in ("pip", "ruff") or command.argv[:3] == ["python", "-m", "pytest"]
 
 
 COMMANDS = readme_commands(README.read_text())
+RUNNABLE = [i for i, command in enumerate(COMMANDS) if not setup_only(command)]
 
 
 def test_the_readme_blocks_are_all_known():
@@ -207,17 +221,14 @@ def test_the_readme_blocks_are_all_known():
     assert set(languages) == {"bash", "python"}, f"a README block the README test cannot run: {languages}"
     for command in COMMANDS:
         program = command.argv[:2] if command.argv[0] == "python" else command.argv[:1]
-        setup_only = program in (["pip"], ["ruff"]) or command.argv[:3] == ["python", "-m", "pytest"]
-        assert program in (["python", "train.py"], ["seqzoo-eval"]) or (setup_only and command.section == SETUP_SECTION), (
+        assert program in (["python", "train.py"], ["seqzoo-eval"]) or (setup_only(command) and command.section == SETUP_SECTION), (
             f"README command the README test does not know how to run: {command.line}"
         )
 
 
-@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[f"{i}: {c.line[:70]}" for i, c in enumerate(COMMANDS)])
+@pytest.mark.parametrize("index", RUNNABLE, ids=[f"{i}: {COMMANDS[i].line[:70]}" for i in RUNNABLE])
 def test_every_readme_command_runs_as_written(readme_run, index):
-    command = readme_run[index]
-    if command.returncode is None:
-        pytest.skip("set-up / CI command (this test runs inside it)")
+    command = readme_run.commands[index]
     lines = [line for line in command.output.splitlines() if line.strip()]
     if command.argv[:2] == ["python", "train.py"] and "trainer=gpu" in command.argv and not torch.cuda.is_available():
         # No GPU here: the README says so, and the answer is one line.
@@ -233,14 +244,16 @@ def test_every_readme_command_runs_as_written(readme_run, index):
 
 
 def test_the_readme_chain_produced_what_the_evaluation_reads(readme_run):
-    # The evaluation commands read outputs/run1..3, which the training block makes; the resume continued run1.
-    resume = next(c for c in readme_run if "ckpt_path=last" in c.argv)
-    assert resume.returncode == 0
-    run1 = next(c for c in readme_run if c.argv[:3] == ["python", "train.py", "hydra.run.dir=outputs/run1"])
-    assert run1.returncode == 0
-    mqar_rows = [c for c in readme_run if c.argv[:2] == ["seqzoo-eval", "mqar"]]
-    assert mqar_rows and all(c.returncode == 0 for c in mqar_rows)
-    probe = next(c for c in readme_run if c.argv[:3] == ["seqzoo-eval", "probe", "mqar"])
+    commands = readme_run.commands
+    run1 = next(c for c in commands if c.argv[:3] == ["python", "train.py", "hydra.run.dir=outputs/run1"])
+    resume = next(c for c in commands if "ckpt_path=last" in c.argv)
+    assert run1.returncode == 0 and resume.returncode == 0
+    # The resume continued run1 from step 2 to 4 and kept the log of steps 0-1, each step once.
+    with open(readme_run.workdir / "outputs" / "run1" / "fit" / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row["train/loss"]]
+    assert steps == [0, 1, 2, 3]
+    assert all(c.returncode == 0 for c in commands if c.argv[:2] == ["seqzoo-eval", "mqar"])
+    probe = next(c for c in commands if c.argv[:3] == ["seqzoo-eval", "probe", "mqar"])
     # The default model's probe returned only "does not fit" rows: now every row has an accuracy.
     assert "does not fit" not in probe.output and "| seq128_kv16 |" in probe.output and "| seq254_kv31 |" in probe.output
 
@@ -248,7 +261,7 @@ def test_the_readme_chain_produced_what_the_evaluation_reads(readme_run):
 def test_readme_eval_commands_write_the_files_the_readme_names(readme_run):
     table = output_table(README.read_text())
     seen = set()
-    for command in readme_run:
+    for command in readme_run.commands:
         if command.argv[0] != "seqzoo-eval" or command.returncode != 0:
             continue
         key = eval_key(command.argv[1:])
