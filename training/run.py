@@ -193,16 +193,18 @@ def rank_zero_print(message: str) -> None:
     print(message, flush=True)
 
 
-def _summary(cfg: DictConfig, module: LanguageModelModule, datamodule: pl.LightningDataModule, output_dir: Path) -> str:
+def _summary(cfg: DictConfig, module: LanguageModelModule, datamodule: pl.LightningDataModule, world_size: int, output_dir: Path) -> str:
     """One line naming what this run trains, on what, for how long, where (printed before the model table)."""
     model = module.model.config
     layers = model.layer_mixers()
     mixers = ", ".join(f"{name} ×{layers.count(name)}" for name in dict.fromkeys(layers))
     trainer = cfg.trainer
+    # Without threads=N, Lightning gives each DDP process cores / processes threads after this line is printed.
+    threads = f"{torch.get_num_threads()} threads" if world_size == 1 or cfg.threads else "threads: cores / processes"
     return (
         f"seqzoo: {mixers} (hidden {model.hidden_size}, vocab {model.vocab_size}, {module.model.num_parameters():,} parameters) "
         f"on {type(datamodule).__name__}, {trainer.max_steps} steps, {trainer.accelerator} × {trainer.devices} ({trainer.strategy}), "
-        f"{torch.get_num_threads()} threads -> {output_dir}"
+        f"{threads} -> {output_dir}"
     )
 
 
@@ -259,7 +261,7 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
     trainer = build_trainer(cfg, output_dir, [history])
     if trainer.global_rank == 0:
         OmegaConf.save(cfg, output_dir / "config.resolved.yaml", resolve=True)
-        print(_summary(cfg, module, datamodule, output_dir), flush=True)
+        print(_summary(cfg, module, datamodule, trainer.world_size, output_dir), flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results: dict[str, Any] = {
         "losses": history.losses,
