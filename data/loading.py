@@ -7,9 +7,11 @@ batches already seen. Runs must use ``Trainer(use_distributed_sampler=False)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import Dataset, DistributedSampler
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -49,10 +51,55 @@ def make_train_loader(dataset: Dataset, trainer: Any, seed: int, num_workers: in
     )
 
 
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, …`` below ``length``: each index on exactly one rank, none repeated."""
+
+    def __init__(self, length: int, world: int = 1, rank: int = 0) -> None:
+        self.length, self.world, self.rank = length, world, rank
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Kept for the loader's resume rule; the order does not depend on the epoch."""
+        self.epoch = epoch
+
+
+class PaddedEvalSet(Dataset):
+    """``dataset`` followed by blank items up to ``length``: copies of item 0 with every label ``-100``.
+
+    Every rank must run the same evaluation hooks (they end in a collective reduce), so every rank needs as
+    many items; ``DistributedSampler`` pads by repeating real items, which counts them twice (an MQAR test of
+    3 batches on 2 ranks scored batch 0 twice). A blank item has no labelled token, so it counts nothing.
+    """
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> Any:
+        if idx < len(self.dataset):
+            return self.dataset[idx]
+        item = self.dataset[0]
+        return {**item, "labels": torch.full_like(item["labels"], -100)}
+
+
 def make_eval_loader(dataset: Dataset, trainer: Any, num_workers: int = 0, batch_size: int | None = None) -> ResumableLoader:
-    """Ordered, rank-sharded evaluation loader (no shuffling, nothing dropped)."""
+    """Ordered, rank-sharded evaluation loader: no shuffling, nothing dropped, no item counted twice."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    padded = -(-len(dataset) // world) * world
+    if padded != len(dataset):
+        dataset = PaddedEvalSet(dataset, padded)
     return ResumableLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_unbatched if batch_size is None else None
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(padded, world, rank),
+        num_workers=num_workers,
+        collate_fn=_unbatched if batch_size is None else None,
     )

@@ -48,14 +48,9 @@ def generate_mqar(
     Returns ``(inputs, labels)``, both int64 ``[num_examples, seq_len]``.
     """
     context = 2 * num_kv_pairs * num_passes
-    if seq_len % 2:
-        raise ValueError(f"MQAR: seq_len must be even, got {seq_len}")
-    if vocab_size <= seq_len:
-        raise ValueError(f"MQAR: vocab_size ({vocab_size}) must exceed seq_len ({seq_len})")
-    if num_kv_pairs < 1 or context + 2 * num_kv_pairs > seq_len:
-        raise ValueError(f"MQAR: {num_kv_pairs} key-value pairs (x{num_passes} passes) do not fit in seq_len {seq_len}")
-    if num_kv_pairs > vocab_size // 2 - 1:
-        raise ValueError(f"MQAR: {num_kv_pairs} distinct keys do not fit in a key vocabulary of {vocab_size // 2 - 1}")
+    problem = mqar_misfit(vocab_size, seq_len, num_kv_pairs, num_passes)
+    if problem:
+        raise ValueError(f"MQAR: {problem}")
     rng = np.random.default_rng(seed)
     half = vocab_size // 2
     keys = _distinct_draws(rng, num_examples, half - 1, num_kv_pairs) + 1
@@ -80,6 +75,23 @@ def generate_mqar(
         filler = inputs == 0
         inputs = np.where(filler, rng.integers(0, vocab_size, size=inputs.shape), inputs)
     return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def mqar_misfit(vocab_size: int, seq_len: int, num_kv_pairs: int, num_passes: int = 1) -> str | None:
+    """Why an MQAR segment cannot be drawn with this vocabulary, or ``None`` when it can.
+
+    Zoology's rules: an even ``seq_len`` below ``vocab_size``; the pairs (``num_passes`` times) and their
+    queries within ``seq_len``; distinct keys from ``[1, vocab_size/2)``.
+    """
+    if seq_len % 2:
+        return f"seq_len must be even, got {seq_len}"
+    if vocab_size <= seq_len:
+        return f"vocab_size ({vocab_size}) must exceed seq_len ({seq_len}); the longest sequence it holds is {(vocab_size - 1) // 2 * 2}"
+    if num_kv_pairs < 1 or 2 * num_kv_pairs * num_passes + 2 * num_kv_pairs > seq_len:
+        return f"{num_kv_pairs} key-value pairs (x{num_passes} passes) do not fit in seq_len {seq_len}"
+    if num_kv_pairs > vocab_size // 2 - 1:
+        return f"{num_kv_pairs} distinct keys do not fit in a key vocabulary of {vocab_size // 2 - 1}"
+    return None
 
 
 def _distinct_draws(rng: np.random.Generator, rows: int, population: int, k: int) -> np.ndarray:

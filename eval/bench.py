@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from seqzoo.eval.measure import peak_memory, time_call
-from seqzoo.eval.report import write_report
+from seqzoo.eval.report import progress, write_report
 from seqzoo.models import LanguageModel, build_mixer
 
 BASELINE = "attention"
@@ -66,7 +66,8 @@ def bench_mixers(
     and length, the compile time not counted): ``compiled_fwd_bwd_tok_s``, ``compile_speedup`` (compiled ÷
     eager, same mixer) and ``compiled_vs_attention`` (compiled ÷ compiled attention), plus the graph breaks
     ``torch._dynamo.explain`` finds.
-    Writes ``bench.json``, ``bench.md`` and ``bench.png`` (fwd+bwd tokens/s against length).
+    Writes ``bench_<kind>.json``, ``.md`` and ``.png`` (fwd+bwd tokens/s against length), named like the other
+    benchmarks' ``bench_ops.*``, ``bench_titans.*`` and ``bench_pararnn.*``.
     """
     if kind not in ("models", "layers"):
         raise ValueError(f"bench: kind must be models or layers, got {kind!r}")
@@ -74,62 +75,61 @@ def bench_mixers(
     names = [BASELINE] + [m for m in mixers if m != BASELINE]
     mixer_options = mixer_options or {}
     rows: list[dict[str, Any]] = []
-    for seq in seq_lens:
-        for name in names:
-            torch.manual_seed(0)
-            module = _build(kind, name, hidden, layers, vocab, mixer_options.get(name, {}), dev, dt)
-            x = _inputs(kind, batch, seq, hidden, vocab, dev, dt)
+    for seq, name in progress([(seq, name) for seq in seq_lens for name in names], f"bench {kind} (length, mixer)"):
+        torch.manual_seed(0)
+        module = _build(kind, name, hidden, layers, vocab, mixer_options.get(name, {}), dev, dt)
+        x = _inputs(kind, batch, seq, hidden, vocab, dev, dt)
 
-            def forward() -> None:
-                with torch.no_grad():
-                    module(x)
+        def forward() -> None:
+            with torch.no_grad():
+                module(x)
 
-            def forward_backward() -> None:
+        def forward_backward() -> None:
+            module.zero_grad(set_to_none=True)
+            out = module(x)
+            out.float().square().mean().backward()
+
+        def decode() -> None:
+            with torch.no_grad():
+                cache = module.init_cache(batch)
+                module(x, cache=cache)
+                step = x[:, -1:]
+                for _ in range(decode_tokens):
+                    module(step, cache=cache)
+
+        def prefill_only() -> None:
+            with torch.no_grad():
+                module(x, cache=module.init_cache(batch))
+
+        t_fwd = time_call(forward, dev, repeats=repeats)
+        t_fb = time_call(forward_backward, dev, repeats=repeats)
+        t_prefill = time_call(prefill_only, dev, repeats=repeats)
+        t_decode = max(1e-9, time_call(decode, dev, repeats=repeats) - t_prefill)
+        tokens = batch * seq
+        compiled_columns: dict[str, Any] = {}
+        if compile:
+            torch._dynamo.reset()
+            breaks = torch._dynamo.explain(module)(x).graph_break_count
+            compiled = torch.compile(module, fullgraph=True, dynamic=False)
+
+            def compiled_forward_backward() -> None:
                 module.zero_grad(set_to_none=True)
-                out = module(x)
-                out.float().square().mean().backward()
+                compiled(x).float().square().mean().backward()
 
-            def decode() -> None:
-                with torch.no_grad():
-                    cache = module.init_cache(batch)
-                    module(x, cache=cache)
-                    step = x[:, -1:]
-                    for _ in range(decode_tokens):
-                        module(step, cache=cache)
-
-            def prefill_only() -> None:
-                with torch.no_grad():
-                    module(x, cache=module.init_cache(batch))
-
-            t_fwd = time_call(forward, dev, repeats=repeats)
-            t_fb = time_call(forward_backward, dev, repeats=repeats)
-            t_prefill = time_call(prefill_only, dev, repeats=repeats)
-            t_decode = max(1e-9, time_call(decode, dev, repeats=repeats) - t_prefill)
-            tokens = batch * seq
-            compiled_columns: dict[str, Any] = {}
-            if compile:
-                torch._dynamo.reset()
-                breaks = torch._dynamo.explain(module)(x).graph_break_count
-                compiled = torch.compile(module, fullgraph=True, dynamic=False)
-
-                def compiled_forward_backward() -> None:
-                    module.zero_grad(set_to_none=True)
-                    compiled(x).float().square().mean().backward()
-
-                t_compiled = time_call(compiled_forward_backward, dev, warmup=2, repeats=repeats)
-                compiled_columns = {"graph_breaks": breaks, "compiled_fwd_bwd_tok_s": tokens / t_compiled, "compile_speedup": t_fb / t_compiled}
-            rows.append(
-                {
-                    "mixer": name,
-                    "seq_len": seq,
-                    "fwd_tok_s": tokens / t_fwd,
-                    "fwd_bwd_tok_s": tokens / t_fb,
-                    "decode_tok_s": batch * decode_tokens / t_decode,
-                    "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
-                    "state_bytes": module.state_size(batch=batch, seq_len=seq),
-                    **compiled_columns,
-                }
-            )
+            t_compiled = time_call(compiled_forward_backward, dev, warmup=2, repeats=repeats)
+            compiled_columns = {"graph_breaks": breaks, "compiled_fwd_bwd_tok_s": tokens / t_compiled, "compile_speedup": t_fb / t_compiled}
+        rows.append(
+            {
+                "mixer": name,
+                "seq_len": seq,
+                "fwd_tok_s": tokens / t_fwd,
+                "fwd_bwd_tok_s": tokens / t_fb,
+                "decode_tok_s": batch * decode_tokens / t_decode,
+                "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
+                "state_bytes": module.state_size(batch=batch, seq_len=seq),
+                **compiled_columns,
+            }
+        )
     base = {r["seq_len"]: r for r in rows if r["mixer"] == BASELINE}
     for r in rows:
         for key in ("fwd_tok_s", "fwd_bwd_tok_s", "decode_tok_s"):
@@ -176,7 +176,7 @@ def bench_mixers(
     settings["threads"] = torch.get_num_threads()
     write_report(
         out_dir,
-        "bench",
+        f"bench_{kind}",
         {"settings": settings},
         rows,
         columns,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from seqzoo.eval.measure import peak_memory, time_call
-from seqzoo.eval.report import write_report
+from seqzoo.eval.report import progress, write_report
 
 
 def _qkv(batch: int, seq: int, heads: int, dim: int, device, dtype) -> dict[str, torch.Tensor]:
@@ -134,36 +134,35 @@ def bench_ops(
     dev, dt = torch.device(device), getattr(torch, dtype)
     backends = ["reference", "torch"] + (["triton"] if dev.type == "cuda" else [])
     rows: list[dict[str, Any]] = []
-    for op in ops:
-        for seq in seq_lens:
-            impls = {f"ours {b}": _ours(op, b) for b in backends if not (b == "reference" and seq > skip_reference_above)}
-            impls.update(_peers(op, dev))
-            torch.manual_seed(0)
-            inputs = _inputs(op, batch, seq, heads, dim, dev, dt)
-            for name, fn in impls.items():
-                leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-                cotangent = torch.randn_like(fn(leaves).float())
+    for op, seq in progress([(op, seq) for op in ops for seq in seq_lens], "bench ops (op, length)"):
+        impls = {f"ours {b}": _ours(op, b) for b in backends if not (b == "reference" and seq > skip_reference_above)}
+        impls.update(_peers(op, dev))
+        torch.manual_seed(0)
+        inputs = _inputs(op, batch, seq, heads, dim, dev, dt)
+        for name, fn in impls.items():
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+            cotangent = torch.randn_like(fn(leaves).float())
 
-                def forward() -> None:
-                    with torch.no_grad():
-                        fn(leaves)
+            def forward() -> None:
+                with torch.no_grad():
+                    fn(leaves)
 
-                def forward_backward() -> None:
-                    for leaf in leaves.values():
-                        leaf.grad = None
-                    (fn(leaves).float() * cotangent).sum().backward()
+            def forward_backward() -> None:
+                for leaf in leaves.values():
+                    leaf.grad = None
+                (fn(leaves).float() * cotangent).sum().backward()
 
-                tokens = batch * seq
-                rows.append(
-                    {
-                        "op": op,
-                        "impl": name,
-                        "seq_len": seq,
-                        "fwd_tok_s": tokens / time_call(forward, dev, repeats=repeats),
-                        "fwd_bwd_tok_s": tokens / time_call(forward_backward, dev, repeats=repeats),
-                        "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
-                    }
-                )
+            tokens = batch * seq
+            rows.append(
+                {
+                    "op": op,
+                    "impl": name,
+                    "seq_len": seq,
+                    "fwd_tok_s": tokens / time_call(forward, dev, repeats=repeats),
+                    "fwd_bwd_tok_s": tokens / time_call(forward_backward, dev, repeats=repeats),
+                    "peak_mem_mb": peak_memory(forward_backward, dev) / 2**20,
+                }
+            )
     for r in rows:
         ref = next((x for x in rows if x["op"] == r["op"] and x["seq_len"] == r["seq_len"] and x["impl"] == "ours reference"), None)
         r["fwd_bwd_vs_reference"] = r["fwd_bwd_tok_s"] / ref["fwd_bwd_tok_s"] if ref else None

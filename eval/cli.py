@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--block-size", type=int)
     ppl.add_argument("--max-documents", type=int)
     ppl.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ppl.add_argument("--max-batches", type=int)
+    ppl.add_argument(
+        "--max-batches",
+        type=int,
+        help="evaluation batches, spread evenly over the split (default: the run's data.eval_batches, as its test; 0: the whole split)",
+    )
 
     mqar = sub.add_parser("mqar", help="MQAR accuracy of a checkpoint per (seq_len, num_kv_pairs) segment")
     mqar.add_argument("checkpoint")
@@ -195,7 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ppl, mqar, bench, niah, long_mqar, length, decode):
         p.add_argument("--out", help="output folder (default: results/<command>)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    for p in (ppl, mqar, bench, sweep, niah, long_mqar, length, decode):
+        p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's, one per core; fewer on a busy machine)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _cuda() -> bool:
@@ -208,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``seqzoo-eval``; errors in the inputs print one line and return 1."""
     args = build_parser().parse_args(argv)
     out = args.out or os.path.join("results", args.command)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from seqzoo.configs import ConfigError
 
     try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -31,6 +36,36 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
     return times[len(times) // 2]
 
 
+# Lines the CPU profiler writes straight to file descriptor 2 on every use (25 of them for `bench ops`):
+# kineto's "USDT: … profiler_start / profiler_stop" and c10's note that a block allocated before profiling was
+# freed during it. They say nothing about the measured code, and C++ writes them, so no Python filter sees them.
+PROFILER_CHATTER = (re.compile(r"^USDT:.*SyncActivityProfilerHandler"), re.compile(r"CPUAllocator\.cpp.*Memory block of unknown size"))
+
+
+@contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Route fd 2 through a file while the profiler runs, then pass on every line except :data:`PROFILER_CHATTER`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [
+                line
+                for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(p.search(line) for p in PROFILER_CHATTER)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was live before.
 
@@ -49,7 +84,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     cpu = torch._C._autograd.DeviceType.CPU
     records = sorted(

@@ -22,18 +22,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqzoo.data.mqar import MQARSegment, generate_mqar
+from seqzoo.data.mqar import MQARSegment, generate_mqar, mqar_misfit
 from seqzoo.data.niah import DEFAULT_DIGITS, KINDS, VALUE_WORDS, chance_accuracy, check_kind, generate_niah
-from seqzoo.data.text import TextDataModule
+from seqzoo.data.text import ByteTokenizer, TextDataModule
 from seqzoo.eval.measure import sync
-from seqzoo.eval.report import write_report
+from seqzoo.eval.report import progress, write_report
 from seqzoo.models import LanguageModel
 from seqzoo.models.cache import ModelCache
 from seqzoo.training.checkpoint import load_language_model
 
 Predictor = Callable[[torch.Tensor, int], list[bytes]]
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-DEFAULT_MQAR_SEGMENTS = ((512, 128), (1024, 256), (2048, 512), (4096, 1024))
+MAX_MQAR_PROBE_LENGTH = 4096
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -119,19 +119,36 @@ def score_niah(
     check_kind(kind)
     chance = chance_accuracy(kind, digits)
     rows = []
-    for length in lengths:
-        for depth in depths:
-            examples = generate_niah(kind, samples, length, depth, seed, haystack, digits)
-            hits = 0
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                answers = [e.answer.encode() for e in batch]
-                preds = predict(torch.stack([e.prompt_ids for e in batch]), max(len(a) for a in answers))
-                hits += sum(p[: len(a)] == a for p, a in zip(preds, answers))
-            rows.append(
-                {"kind": kind, "length": length, "depth": depth, "samples": samples, "accuracy": hits / max(1, samples), "chance": chance}
-            )
+    for length, depth in progress([(n, d) for n in lengths for d in depths], f"probe niah {kind} (length, depth)"):
+        examples = generate_niah(kind, samples, length, depth, seed, haystack, digits)
+        hits = 0
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            answers = [e.answer.encode() for e in batch]
+            preds = predict(torch.stack([e.prompt_ids for e in batch]), max(len(a) for a in answers))
+            hits += sum(p[: len(a)] == a for p, a in zip(preds, answers))
+        rows.append(
+            {"kind": kind, "length": length, "depth": depth, "samples": samples, "accuracy": hits / max(1, samples), "chance": chance}
+        )
     return rows
+
+
+def relative_luminance(rgb: Sequence[float]) -> float:
+    """WCAG relative luminance of an sRGB colour (channels in [0, 1])."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """WCAG contrast ratio of two colours, from 1 (none) to 21 (black on white)."""
+    la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def readable_on(background: Sequence[float]) -> str:
+    """``"black"`` or ``"white"``, whichever contrasts more with ``background`` (black numbers on the heatmap's
+    dark red cells were hard to read)."""
+    return "black" if contrast_ratio(background, (0.0, 0.0, 0.0)) >= contrast_ratio(background, (1.0, 1.0, 1.0)) else "white"
 
 
 def _heatmap(rows: list[dict[str, Any]], lengths: Sequence[int], depths: Sequence[float]):
@@ -145,7 +162,8 @@ def _heatmap(rows: list[dict[str, Any]], lengths: Sequence[int], depths: Sequenc
         ax.set_ylabel("needle depth")
         for i in range(len(depths)):
             for j in range(len(lengths)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+                cell = image.cmap(image.norm(grid[i, j]))
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color=readable_on(cell))
         ax.figure.colorbar(image, ax=ax, label="exact-match accuracy")
 
     return plot
@@ -215,6 +233,41 @@ def niah_probe(
 # ---------------------------------------------------------------- MQAR at long lengths
 
 
+def default_long_segments(vocab_size: int, config: dict[str, Any]) -> list[tuple[int, int]]:
+    """Test-only MQAR segments beyond a run's training length that its vocabulary can hold.
+
+    Lengths 2×, 4×, 8×… the longest training sequence up to :data:`MAX_MQAR_PROBE_LENGTH`, plus the longest
+    length the vocabulary holds (``vocab_size − 1``, even) when it stops short of the next doubling; each with
+    the training mixture's densest key-value ratio (Zoology's mixture, trained at 256:64: 512:128 … 4096:1024;
+    the default 256-token model, trained at 64:8: 128:16 and 254:31). Raises ``ValueError`` when no length
+    beyond training fits.
+    """
+    data = config.get("data", {})
+    train = [(int(s["seq_len"]), int(s["num_kv_pairs"])) for s in data.get("train_segments") or []]
+    base = max((length for length, _ in train), default=None) or _training_length(config) or 256
+    ratio = max((kv / length for length, kv in train), default=0.25)
+    passes = int(data.get("num_passes", 1))
+    cap = min(MAX_MQAR_PROBE_LENGTH, (vocab_size - 1) // 2 * 2)
+    lengths = []
+    length = 2 * base
+    while length <= cap:
+        lengths.append(length)
+        length *= 2
+    if cap > max(lengths, default=base):
+        lengths.append(cap)
+    segments = []
+    for length in lengths:
+        kv = min(max(1, int(length * ratio)), length // (2 * passes + 2), vocab_size // 2 - 1)
+        if mqar_misfit(vocab_size, length, kv, passes) is None:
+            segments.append((length, kv))
+    if not segments:
+        raise ValueError(
+            f"probe mqar: the model's vocabulary of {vocab_size} tokens holds no MQAR sequence longer than its training "
+            f"length {base} (MQAR needs vocab_size > seq_len); pass --segments SEQ_LEN:NUM_KV_PAIRS"
+        )
+    return segments
+
+
 @torch.no_grad()
 def mqar_long_probe(
     checkpoint: str | Path,
@@ -225,18 +278,21 @@ def mqar_long_probe(
     seed: int = 0,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """MQAR accuracy on test-only segments (default up to seq 4096 / 1024 pairs); writes ``mqar_long.*``.
+    """MQAR accuracy on test-only segments longer than training; writes ``mqar_long.*``.
 
     Keys and values come from the model's own vocabulary, so MQAR needs ``vocab > seq_len`` and
-    ``num_kv_pairs < vocab/2``: a segment that cannot fit gets ``accuracy: null`` and the reason in ``note``.
+    ``num_kv_pairs < vocab/2``. The default segments are those the vocabulary holds
+    (:func:`default_long_segments`); a ``segments`` entry that cannot fit gets ``accuracy: null`` and the
+    reason in ``note``.
     """
     model, config = load_language_model(checkpoint, device)
     data = config.get("data", {})
     options = {k: data[k] for k in ("power_a", "num_passes", "random_non_queries") if k in data}
     vocab = model.config.vocab_size
+    segments = list(segments or default_long_segments(vocab, config))
     model.to(device)
     rows = []
-    for i, (seq_len, kv) in enumerate(segments or DEFAULT_MQAR_SEGMENTS):
+    for i, (seq_len, kv) in enumerate(progress(segments, "probe mqar segments")):
         seg = MQARSegment(seq_len, kv, num_examples)
         row: dict[str, Any] = {
             "segment": seg.name,
@@ -267,6 +323,7 @@ def mqar_long_probe(
             if r["accuracy"] is None:
                 ax.text(j, 0.02, "n/a (vocab)", ha="center", rotation=90, fontsize=8)
         ax.set_ylim(0, 1.05)
+        ax.set_xlabel("test segment (seq: sequence length, kv: key-value pairs)")
         ax.set_ylabel("accuracy")
         ax.tick_params(axis="x", rotation=30)
 
@@ -335,8 +392,14 @@ def length_probe(
     if base % piece:
         raise ValueError(f"length: piece ({piece}) must divide the training length ({base})")
     data = dict(config.get("data", {}))
-    if "source" not in data:
-        data = {"source": "stdlib", "vocab_size": max(257, model.config.vocab_size)}
+    if "source" not in data:  # trained on MQAR or needles: the embedded corpus, if the vocabulary holds bytes
+        if model.config.vocab_size < ByteTokenizer.vocab_size:
+            trained_on = str(data.get("_target_", "another task")).rsplit(".", 1)[-1]
+            raise ValueError(
+                f"length: {checkpoint} is not a text checkpoint (trained on {trained_on}): its vocabulary of "
+                f"{model.config.vocab_size} tokens cannot hold the {ByteTokenizer.vocab_size} byte tokens of the text corpus"
+            )
+        data = {"source": "stdlib", "vocab_size": model.config.vocab_size}
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     data.update(block_size=base * factor, eval_batch_size=batch_size)
     if max_documents is not None:
@@ -354,7 +417,8 @@ def length_probe(
     ends = list(range(piece, total + 1, piece))
     norm_sum = np.zeros((len(ends), len(model.blocks)))
     seen = 0
-    for batch in loader:
+    bar = progress(loader, f"probe length (batches of {batch_size} sequences of {total} tokens)", -(-num_sequences // batch_size))
+    for batch in bar:
         ids, labels = batch["input_ids"][: num_sequences - seen].to(device), batch["labels"][: num_sequences - seen].to(device)
         cache = model.init_cache(ids.shape[0])
         for j, end in enumerate(ends):
@@ -366,6 +430,7 @@ def length_probe(
         seen += ids.shape[0]
         if seen >= num_sequences:
             break
+    bar.close()  # the loop can stop early: clear the bar before the table is printed
     if seen == 0:
         raise ValueError(f"length: the {split} split holds no block of {total} tokens")
     per_position = (loss_sum / seen).tolist()
@@ -476,7 +541,7 @@ def decode_probe(
     names = []
     for name, model in _decode_models(checkpoints, mixers, hidden, layers, vocab, options or {}, dev, dt):
         names.append(name)
-        for context in contexts:
+        for context in progress(contexts, f"probe decode {name} (prompt lengths)"):
             gen = torch.Generator().manual_seed(context)
             ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(dev)
             cache = model.init_cache(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqzoo.data.mqar import MQARSegment, generate_mqar
-from seqzoo.data.text import TextDataModule
-from seqzoo.eval.report import write_report
+from seqzoo.data.mqar import MQARSegment, generate_mqar, mqar_misfit
+from seqzoo.data.text import ByteTokenizer, TextDataModule
+from seqzoo.eval.report import progress, write_report
 from seqzoo.training.checkpoint import load_language_model
 
 
@@ -28,35 +29,45 @@ def perplexity(
     """Perplexity and bits per byte of ``checkpoint`` on a text split.
 
     The text data config saved in the checkpoint is used (the standard-library corpus for a model
-    trained on something else), updated by ``data_overrides`` (``source``, ``path``, ``block_size``…).
+    trained on something else whose vocabulary holds byte tokens), updated by ``data_overrides``
+    (``source``, ``path``, ``block_size``…). ``max_batches``: evaluation batches, spread evenly over the
+    split; ``None`` keeps the run's own budget (``data.eval_batches``, so the numbers match its test), ``0``
+    reads the whole split. Shows a progress bar on stderr.
     Writes ``ppl.json``, ``ppl.md`` and ``ppl.png`` (mean loss per position in the block).
     """
     model, config = load_language_model(checkpoint, device)
     data_cfg = dict(config.get("data", {}))
     if "source" not in data_cfg:  # trained on MQAR or another task: measure on the embedded corpus
+        trained_on = str(data_cfg.get("_target_", "another task")).rsplit(".", 1)[-1]
+        if model.config.vocab_size < ByteTokenizer.vocab_size and "tokenizer" not in (data_overrides or {}):
+            raise ValueError(
+                f"ppl: {checkpoint} is not a text checkpoint (trained on {trained_on}): its vocabulary of "
+                f"{model.config.vocab_size} tokens cannot hold the {ByteTokenizer.vocab_size} byte tokens of the text corpus"
+            )
         data_cfg = {"source": "stdlib", "vocab_size": model.config.vocab_size}
     data_cfg = {k: v for k, v in data_cfg.items() if not k.startswith("_")}
     data_cfg.update(data_overrides or {})
     datamodule = TextDataModule(**data_cfg)
     if datamodule.tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"ppl: the tokenizer has {datamodule.tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"ppl: --max-batches must be >= 0 (0: the whole split), got {max_batches}")
+    print(f"ppl: reading and packing the {data_cfg.get('source', 'stdlib')} text", file=sys.stderr, flush=True)
     datamodule.setup("test")
     if split not in datamodule.splits:
         raise ValueError(f"ppl: unknown split {split!r}; choose one of {', '.join(datamodule.splits)}")
-    loader = torch.utils.data.DataLoader(datamodule.splits[split], batch_size=datamodule.eval_batch_size)
+    blocks = datamodule.eval_split(split, -1 if max_batches is None else (max_batches or None))
+    loader = torch.utils.data.DataLoader(blocks, batch_size=datamodule.eval_batch_size)
     model.to(device)
     position_loss = torch.zeros(datamodule.block_size, dtype=torch.float64)
-    total_nll, total_tokens, total_bytes, batches = 0.0, 0, 0, 0
-    for batch in loader:
-        if max_batches is not None and batches >= max_batches:
-            break
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    for batch in progress(loader, f"ppl ({split} split)"):
         logits = model(batch["input_ids"].to(device)).float()
         nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"].to(device), reduction="none").double().cpu()
         position_loss += nll.sum(0)
         total_nll += nll.sum().item()
         total_tokens += nll.numel()
         total_bytes += sum(len(datamodule.tokenizer.decode(row.tolist()).encode("utf-8")) for row in batch["labels"])
-        batches += 1
     if total_tokens == 0:
         raise ValueError(f"ppl: the {split} split yielded no tokens")
     mean_nll = total_nll / total_tokens
@@ -83,7 +94,7 @@ def perplexity(
         [result],
         ["split", "tokens", "loss", "perplexity", "bits_per_byte"],
         plot,
-        title="Perplexity",
+        title=f"Loss by position in the block ({split} split; perplexity {result['perplexity']:.4g}, {result['bits_per_byte']:.4g} bits per byte)",
     )
     return result
 
@@ -114,9 +125,14 @@ def mqar_accuracy(
         segs = [MQARSegment(seq_len, kv, num_examples) for seq_len, kv in segments]
     data_seed = 2 * int(data_cfg.get("seed", 0)) + 1 if seed is None else seed
     options = {k: data_cfg[k] for k in ("power_a", "num_passes", "random_non_queries") if k in data_cfg}
+    vocab = model.config.vocab_size
+    for seg in segs:  # all at once, before minutes of evaluation
+        problem = mqar_misfit(vocab, seg.seq_len, seg.num_kv_pairs, int(options.get("num_passes", 1)))
+        if problem:
+            raise ValueError(f"mqar: segment {seg.seq_len}:{seg.num_kv_pairs} does not fit this model: {problem}")
     model.to(device)
     rows = []
-    for i, seg in enumerate(segs):
+    for i, seg in enumerate(progress(segs, "mqar segments")):
         inputs, labels = generate_mqar(
             model.config.vocab_size, seg.num_examples, seg.seq_len, seg.num_kv_pairs, seed=data_seed * 1000 + i, **options
         )
@@ -137,6 +153,7 @@ def mqar_accuracy(
     def plot(ax):
         ax.bar([r["segment"] for r in rows], [r["accuracy"] for r in rows], color="tab:blue")
         ax.set_ylim(0, 1.05)
+        ax.set_xlabel("test segment (seq: sequence length, kv: key-value pairs)")
         ax.set_ylabel("accuracy")
         ax.tick_params(axis="x", rotation=30)
 

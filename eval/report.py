@@ -3,9 +3,38 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def progress(items: Iterable[Any], desc: str, total: int | None = None) -> Any:
+    """``items`` with a progress bar on stderr (tqdm: count, rate, time left), for eval loops that run for more
+    than a few seconds; the bar is cleared when the loop ends, so only the result table stays on screen.
+
+    Returns the ``tqdm`` object: iterate over it; ``close()`` it when a loop can stop early.
+    """
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, mininterval=0.5, dynamic_ncols=True)
+
+
+def fit_title(fig: Any, title: str) -> Any:
+    """Set ``title`` as the figure's title, wrapped at spaces until it fits the figure's width; returns the text.
+
+    A benchmark title set on the axes ran past the figure on both sides (``bench_pararnn.png``); the figure
+    title is centred on the whole figure and ``tight_layout`` makes room for its lines.
+    """
+    import textwrap
+
+    text = fig.suptitle(title, fontsize=11)
+    renderer = fig.canvas.get_renderer()
+    width = len(title)
+    while width > 20 and text.get_window_extent(renderer).width > 0.95 * fig.bbox.width:
+        width -= 4
+        text.set_text(textwrap.fill(title, width))
+    return text
 
 
 def format_value(value: Any) -> str:
@@ -56,7 +85,7 @@ def write_report(
         fig, ax = plt.subplots(figsize=(7, 4.5))
         plot(ax)
         if title:
-            ax.set_title(title)
+            fit_title(fig, title)
         fig.tight_layout()
         paths["png"] = out_dir / f"{name}.png"
         fig.savefig(paths["png"], dpi=120)

@@ -12,6 +12,7 @@ The published sweep trains for 32 epochs on 180k examples; on a CPU the same mix
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,10 +112,12 @@ def mqar_sweep(
     rows: list[dict[str, Any]] = []
     all_runs: list[dict[str, Any]] = []
     segments_used: dict[str, Any] = {}
+    total_runs, run_number = len(models) * len(widths or [None]) * len(lrs or [None]), 0
     for name in models:
         for width in widths or [None]:
             tried: list[dict[str, Any]] = []
             for lr in lrs or [None]:
+                run_number += 1
                 run_overrides = [
                     f"model={name}",
                     f"data={data}",
@@ -151,6 +154,8 @@ def mqar_sweep(
                 label = name if width is None else f"{name}_d{width}"
                 if lrs is not None and len(lrs) > 1:
                     label += f"_lr{lr:g}"
+                # Each run trains without a progress bar: one line per run says how far the sweep is.
+                print(f"{_CMD}: run {run_number}/{total_runs}: {label} ({steps} steps)", file=sys.stderr, flush=True)
                 start = time.perf_counter()
                 note = ""
                 try:

@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden
+from seqzoo.models.base import TokenMixer, check_hidden, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import RotaryEmbedding
 from seqzoo.models.registry import register_mixer
@@ -119,7 +119,7 @@ class Attention(TokenMixer):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        head_dim = head_dim_for("attention", hidden_size, num_heads, head_dim)
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ConfigError(f"attention: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}), both >= 1")
         if head_dim < 1:

@@ -34,6 +34,23 @@ class TokenMixer(nn.Module):
         raise NotImplementedError
 
 
+def head_dim_for(layer: str, hidden_size: int, num_heads: int, head_dim: int | None = None) -> int:
+    """The per-head width of a multi-head mixer: ``head_dim`` when given, else ``hidden_size // num_heads``.
+
+    The one head-count rule every mixer follows: ``num_heads >= 1``, and a derived head width must split
+    ``hidden_size`` exactly (a remainder would silently drop channels: 63 over 4 heads would project to 60).
+    An explicit ``head_dim`` sets the projected width ``num_heads · head_dim`` on purpose and is taken as is.
+    Raises a one-line :class:`ConfigError` ``"<layer>: num_heads (…) must divide hidden_size …"``.
+    """
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ConfigError(f"{layer}: num_heads must be an integer >= 1, got {num_heads!r}")
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise ConfigError(f"{layer}: num_heads ({num_heads}) must divide hidden_size {hidden_size} (or set head_dim)")
+        head_dim = hidden_size // num_heads
+    return head_dim
+
+
 def check_hidden(layer: str, x: torch.Tensor, hidden_size: int) -> None:
     """One-line error unless ``x`` is a floating ``[batch, seq, hidden_size]`` tensor."""
     if x.dim() != 3 or x.shape[-1] != hidden_size:

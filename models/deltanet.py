@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqzoo.models.base import head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, init_a_log, init_dt_bias, merge_heads, require, split_heads
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm
@@ -41,8 +42,7 @@ class _DeltaRuleMixer(LinearMixer):
     ) -> None:
         super().__init__()
         self.set_op(op, backend)
-        require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
-        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        head_dim = head_dim_for(name, hidden_size, num_heads, head_dim)
         head_v_dim = int(head_dim * expand_v)
         require(name, head_dim >= 1 and head_v_dim >= 1, f"head_dim and head_dim·expand_v must be >= 1, got {head_dim}, {head_v_dim}")
         self.hidden_size, self.layer_idx, self.num_heads = hidden_size, layer_idx, num_heads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqzoo.models.base import head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.feature_maps import build_feature_map
 from seqzoo.models.linear_common import LinearMixer, merge_heads, require, split_heads
@@ -61,8 +62,7 @@ class LinearAttention(LinearMixer):
         super().__init__()
         self.set_op("simple_gla", backend)
         name = "linear_attention"
-        require(name, num_heads >= 1, f"num_heads must be >= 1, got {num_heads}")
-        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        head_dim = head_dim_for(name, hidden_size, num_heads, head_dim)
         feature_dim = head_dim if feature_dim is None else feature_dim
         require(name, head_dim >= 1 and feature_dim >= 1, f"head_dim and feature_dim must be >= 1, got {head_dim}, {feature_dim}")
         self.hidden_size, self.layer_idx = hidden_size, layer_idx

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
-from seqzoo.models.base import TokenMixer, check_hidden
+from seqzoo.models.base import TokenMixer, check_hidden, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
@@ -115,8 +115,7 @@ class MemoryOptions:
         if unknown:
             raise TypeError(f"{layer}: unknown option(s) {', '.join(unknown)}")
         options = dict(options)
-        if options.get("head_dim") is None:
-            options["head_dim"] = hidden_size // max(options.get("num_heads", cls.num_heads), 1)
+        options["head_dim"] = head_dim_for(layer, hidden_size, options.get("num_heads", cls.num_heads), options.get("head_dim"))
         try:
             return cls(**options)
         except ConfigError as error:

@@ -26,3 +26,19 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "triton" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test, in order (kept after ``plt.close`` to inspect its texts)."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        figures.append(self)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures

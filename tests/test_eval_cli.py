@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import seqzoo.training as training
 from seqzoo.eval.cli import main
 from seqzoo.eval.measure import peak_memory
+from tests.helpers import texts_outside
 
 COMMON = [
     "trainer.enable_progress_bar=false",
@@ -52,8 +54,7 @@ def text_run(tmp_path_factory):
             "data.block_size=32",
             "data.batch_size=4",
             "data.eval_batch_size=8",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=3",
+            "data.eval_batches=3",
         ],
     )
 
@@ -64,7 +65,7 @@ def printed_rows(text):
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_mqar_command_matches_training_test_and_its_printout(mqar_run, tmp_path, capsys):
+def test_mqar_command_matches_training_test_and_its_printout(mqar_run, tmp_path, capsys, saved_figures):
     checkpoint, result = mqar_run
     assert main(["mqar", str(checkpoint), "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "mqar.json").read_text())["rows"]
@@ -74,6 +75,8 @@ def test_mqar_command_matches_training_test_and_its_printout(mqar_run, tmp_path,
         assert float(cells[-1]) == pytest.approx(row["accuracy"], abs=5e-4)
         assert row["accuracy"] == pytest.approx(result["test"][f"test/acc/{row['segment']}"], abs=1e-9)
     assert (tmp_path / "mqar.png").stat().st_size > 0 and (tmp_path / "mqar.md").is_file()
+    (ax,) = saved_figures[0].axes
+    assert ax.get_xlabel().startswith("test segment") and texts_outside(saved_figures[0]) == []  # it had no x label
 
 
 def test_mqar_command_with_custom_segments(mqar_run, tmp_path):
@@ -83,11 +86,26 @@ def test_mqar_command_with_custom_segments(mqar_run, tmp_path):
     assert [(r["seq_len"], r["num_kv_pairs"], r["examples"]) for r in rows] == [(16, 2, 20), (32, 8, 20)]
 
 
-def test_ppl_command_matches_training_test_loss(text_run, tmp_path, capsys):
+def test_mqar_segments_the_vocabulary_cannot_hold_are_one_line_before_any_work(mqar_run, tmp_path, capsys):
+    checkpoint, _ = mqar_run  # vocabulary 64
+    assert main(["mqar", str(checkpoint), "--segments", "16:2", "64:4", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "seqzoo-eval: error: mqar: segment 64:4 does not fit this model: vocab_size (64) must exceed seq_len (64); "
+        "the longest sequence it holds is 62"
+    )
+    assert not (tmp_path / "mqar.json").exists()
+
+
+def test_ppl_command_matches_training_test_loss(text_run, tmp_path, capsys, saved_figures):
     checkpoint, result = text_run
-    assert main(["ppl", str(checkpoint), "--max-batches", "3", "--out", str(tmp_path)]) == 0
+    # By default ppl reads the run's own evaluation budget (data.eval_batches=3), so it reproduces its test.
+    assert main(["ppl", str(checkpoint), "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "ppl.json").read_text())
-    cells = printed_rows(capsys.readouterr().out)[0]
+    captured = capsys.readouterr()
+    cells = printed_rows(captured.out)[0]
+    # It printed nothing for minutes before the table: now a bar with the batch count.
+    assert re.search(r"ppl \(test split\):.*\b0/3\b", captured.err)
     assert float(cells[2]) == pytest.approx(payload["loss"], rel=1e-3)
     assert payload["loss"] == pytest.approx(result["test"]["test/loss"], rel=1e-5)
     assert payload["perplexity"] == pytest.approx(math.exp(payload["loss"]))
@@ -95,6 +113,11 @@ def test_ppl_command_matches_training_test_loss(text_run, tmp_path, capsys):
     assert payload["bits_per_byte"] == pytest.approx(payload["loss"] / math.log(2), rel=1e-9)
     assert payload["tokens"] == 3 * 8 * 32
     assert len(payload["loss_per_position"]) == 32 and (tmp_path / "ppl.png").is_file()
+    # The plot was titled "Perplexity" over a curve of loss in nats.
+    (ax,) = saved_figures[0].axes
+    title = saved_figures[0]._suptitle.get_text().replace("\n", " ")
+    assert ax.get_ylabel() == "loss (nats)" and title.startswith("Loss by position in the block")
+    assert f"perplexity {payload['perplexity']:.4g}" in title and texts_outside(saved_figures[0]) == []
 
 
 def test_bench_command_puts_attention_beside_itself(tmp_path, capsys):
@@ -120,14 +143,14 @@ def test_bench_command_puts_attention_beside_itself(tmp_path, capsys):
         )
         == 0
     )
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "bench_layers.json").read_text())["rows"]
     printed = printed_rows(capsys.readouterr().out)
     assert [(r["mixer"], r["seq_len"]) for r in rows] == [("attention", 16), ("attention", 32)]
     for row, cells in zip(rows, printed):
         assert row["fwd_bwd_vs_attention"] == 1.0 and row["fwd_tok_s"] > 0 and row["peak_mem_mb"] > 0
         assert float(cells[2]) == pytest.approx(row["fwd_tok_s"], rel=1e-3)
         assert row["state_bytes"] == 2 * row["seq_len"] * 16 * 4
-    assert (tmp_path / "bench.png").is_file()
+    assert (tmp_path / "bench_layers.png").is_file()
 
 
 def test_cpu_peak_memory_counts_live_tensors():
@@ -202,7 +225,7 @@ def test_bench_ops_compares_backends_against_the_reference(tmp_path, capsys):
     assert "unknown op(s) warp_drive" in capsys.readouterr().err
 
 
-def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
+def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys, saved_figures):
     argv = ["bench", "pararnn", "--seq-lens", "8", "24", "--batch", "2", "--hidden", "8", "--max-iters", "24", "--repeats", "1",
             "--skip-sequential-above", "16", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
@@ -223,6 +246,8 @@ def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
         else:  # beyond --skip-sequential-above: no sequential columns
             assert row["seq_fwd_s"] is None and row["rel_err"] is None and row["fused_fwd_bwd_speedup"] is None
     assert (tmp_path / "bench_pararnn.png").is_file()
+    # The long title ran past both sides of the figure.
+    assert texts_outside(saved_figures[0]) == [] and "ParaRNN" in saved_figures[0]._suptitle.get_text()
     assert "fused_fwd_bwd_speedup" in (tmp_path / "bench_pararnn.md").read_text()
     # The recurrence alone, on precomputed inputs: the same agreement checks.
     assert main([*argv[:-2], "--no-projection", "--modes", "parallel", "sequential", "fused", "--out", str(tmp_path / "rec")]) == 0
@@ -231,3 +256,57 @@ def test_bench_pararnn_times_both_modes_and_checks_they_agree(tmp_path, capsys):
     assert all(r["rel_err"] < 1e-5 and r["fused_rel_err"] < 1e-5 for r in report["rows"] if r["seq_len"] == 8)
     assert main(["bench", "pararnn", "--batch", "0", "--out", str(tmp_path)]) == 1
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_text_evaluation_reads_its_budget_spread_over_the_split(text_run, tmp_path):
+    # A 60-step data=text run spent 2 min 37 s on a 130-batch test pass; the budget is a data option.
+    assert training.compose(["data=text"]).data.eval_batches == 20
+    checkpoint, _ = text_run
+    datamodule = training.build_datamodule(training.compose(["data=text", "data.max_documents=20", "data.block_size=32"]))
+    datamodule.setup("test")
+    full = len(datamodule.splits["test"])
+    budget = datamodule.eval_split("test", 2)
+    assert len(budget) == 2 * 16 < full and budget.indices[0] == 0 and budget.indices[-1] > full // 2
+    assert len(datamodule.test_dataloader()) == min(20, -(-full // 16))
+    assert main(["ppl", str(checkpoint), "--max-batches", "0", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "ppl.json").read_text())["tokens"] == full * 32
+    with pytest.raises(ValueError, match="eval_batches must be a positive integer or null"):
+        training.build_datamodule(training.compose(["data=text", "data.eval_batches=0"]))
+
+
+def test_ppl_on_an_mqar_checkpoint_says_it_is_not_a_text_checkpoint(mqar_run, tmp_path, capsys):
+    checkpoint, _ = mqar_run
+    assert main(["ppl", str(checkpoint), "--out", str(tmp_path)]) == 1
+    # It said "tokenizer has 257 tokens but vocab_size is 256"; mqar on a text checkpoint names the mismatch.
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"seqzoo-eval: error: ppl: \S+last\.ckpt is not a text checkpoint \(trained on MQARDataModule\).*", err)
+
+
+def test_cpu_peak_memory_passes_stderr_on_without_the_profiler_chatter(capfd):
+    # Every profiled call printed kineto's "USDT: … profiler_start/stop" (25 lines for `bench ops`), and freeing
+    # a tensor allocated before profiling printed c10's "CPUAllocator.cpp … Memory block of unknown size".
+    held = [torch.randn(1 << 16)]
+
+    def work():
+        held.clear()
+        os.write(2, b"a message of the measured code\n")
+        return torch.ones(1 << 10).sum()
+
+    capfd.readouterr()
+    assert peak_memory(work, torch.device("cpu")) > 0
+    err = capfd.readouterr().err
+    assert "a message of the measured code" in err
+    assert "USDT" not in err and "CPUAllocator" not in err
+
+
+def test_eval_threads_flag_sets_torch_threads(mqar_run, tmp_path, capsys):
+    checkpoint, _ = mqar_run
+    before = torch.get_num_threads()
+    try:
+        assert main(["mqar", str(checkpoint), "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["mqar", str(checkpoint), "--threads", "0"])
+    assert "expected an integer >= 1, got '0'" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_attention_rejects_bad_input_and_options():
     with pytest.raises(ValueError, match=r"expected input \[batch, seq, 16\]"):
         Attention(16)(torch.randn(2, 3, 8))
     with pytest.raises(ConfigError, match="must divide num_heads"):
-        Attention(16, num_heads=3, num_kv_heads=2)
+        Attention(18, num_heads=3, num_kv_heads=2)
     with pytest.raises(ValueError, match="needs seq_len"):
         Attention(16).state_size()
 
@@ -363,3 +363,29 @@ def test_a_mixer_runs_the_backend_its_config_names(name, monkeypatch):
     with pytest.raises(OpInputError, match="backend='triton' needs CUDA tensors") as info:
         layer(x)
     assert "\n" not in str(info.value)
+
+
+def _head_count_options(name):
+    """``{"num_heads": 4}`` for every mixer with a head count (mamba2 sizes its heads by ``head_dim`` instead)."""
+    import inspect
+
+    from seqzoo.models.registry import get_mixer_class
+
+    return "num_heads" in inspect.signature(get_mixer_class(name).__init__).parameters
+
+
+@pytest.mark.parametrize("name", [n for n in mixer_names() if _head_count_options(n)])
+def test_every_mixer_refuses_a_head_count_that_does_not_divide_the_width(name):
+    # 66 = 4·16 + 2: deltanet, gated_deltanet, linear_attention, attention (even head_dim 16) and titans built it,
+    # silently projecting to 64 channels; one rule for every mixer.
+    with pytest.raises(ConfigError, match=r"num_heads \(4\) must .*divide") as info:
+        build_mixer(name, 66, 0, {"num_heads": 4})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["attention", "deltanet", "gated_deltanet", "linear_attention", "titans_lmm"])
+def test_an_explicit_head_dim_sets_the_projected_width(name):
+    layer = build_mixer(name, 66, 0, {"num_heads": 4, "head_dim": 16})
+    assert layer(torch.randn(1, 8, 66)).shape == (1, 8, 66)
+    with pytest.raises(ConfigError, match=r"num_heads must be an integer >= 1, got 0"):
+        build_mixer(name, 64, 0, {"num_heads": 0})

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 
 import seqzoo.training as training
 from seqzoo.data.niah import (
@@ -20,8 +21,9 @@ from seqzoo.data.niah import (
     training_example,
 )
 from seqzoo.eval.cli import main
-from seqzoo.eval.probes import greedy_predictor, needle_prompt_lengths, score_niah, state_norms
+from seqzoo.eval.probes import contrast_ratio, default_long_segments, greedy_predictor, needle_prompt_lengths, score_niah, state_norms
 from seqzoo.training.checkpoint import load_language_model
+from tests.helpers import texts_outside
 
 ANSWER = {
     "passkey": rb"The pass key is (\d+)\. Remember it\.",
@@ -144,7 +146,7 @@ def needle_run(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt", result
 
 
-def test_probe_niah_end_to_end(needle_run, tmp_path, capsys):
+def test_probe_niah_end_to_end(needle_run, tmp_path, capsys, saved_figures):
     checkpoint, result = needle_run
     assert "test/loss" in result["test"]
     argv = ["probe", "niah", str(checkpoint), "--lengths", "128", "192", "--depths", "0", "1", "--samples", "2", "--out", str(tmp_path)]
@@ -155,6 +157,15 @@ def test_probe_niah_end_to_end(needle_run, tmp_path, capsys):
     for row, cells in zip(payload["rows"], printed):
         assert float(cells[4]) == pytest.approx(row["accuracy"], abs=5e-4) and row["accuracy"] in (0.0, 0.5, 1.0)
     assert (tmp_path / "niah_passkey.png").stat().st_size > 0
+    # Each cell's number is readable on its colour (black on the dark red of accuracy 0 had a contrast of 2.6).
+    heatmap = saved_figures[0].axes[0]
+    (image,) = heatmap.images
+    numbers = [t for t in heatmap.texts if t.get_text()]
+    assert len(numbers) == 4 and texts_outside(saved_figures[0]) == []
+    for text in numbers:
+        column, row = (round(v) for v in text.get_position())
+        cell = image.cmap(image.norm(image.get_array()[row, column]))
+        assert contrast_ratio(to_rgb(text.get_color()), cell) >= 4.5, (text.get_text(), text.get_color())
     assert (payload["kind"], payload["haystack"], payload["digits"], payload["trained_length"]) == (
         "passkey",
         "filler",
@@ -180,6 +191,21 @@ def test_probe_mqar_states_what_the_vocabulary_cannot_hold(needle_run, tmp_path,
     assert payload["max_seq_len_for_vocab"] == 256 and payload["max_kv_pairs_for_vocab"] == 127
     model, _ = load_language_model(checkpoint)
     assert fits["state_bytes"] == model.state_size(1, 64)
+
+
+def test_probe_mqar_defaults_to_segments_beyond_training_that_the_vocabulary_holds(needle_run, tmp_path):
+    # The fixed default (512:128 … 4096:1024) gave the README's default model (vocabulary 256) only
+    # "does not fit" rows and an empty plot.
+    default = {"data": {"vocab_size": 256, "train_segments": [{"seq_len": 64, "num_kv_pairs": 4}, {"seq_len": 64, "num_kv_pairs": 8}]}}
+    assert default_long_segments(256, default) == [(128, 16), (254, 31)]
+    zoology = {"data": {"train_segments": [{"seq_len": 64, "num_kv_pairs": 4}, {"seq_len": 256, "num_kv_pairs": 64}]}}
+    assert default_long_segments(8192, zoology) == [(512, 128), (1024, 256), (2048, 512), (4096, 1024)]
+    with pytest.raises(ValueError, match=r"vocabulary of 257 tokens holds no MQAR sequence longer than its training length 256"):
+        default_long_segments(257, {"data": {"block_size": 256}})
+    checkpoint, _ = needle_run  # vocabulary 257, trained at 128 tokens
+    assert main(["probe", "mqar", str(checkpoint), "--num-examples", "4", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "mqar_long.json").read_text())["rows"]
+    assert [(r["seq_len"], r["num_kv_pairs"]) for r in rows] == [(256, 64)] and rows[0]["accuracy"] is not None
 
 
 def test_probe_length_matches_a_parallel_forward(needle_run, tmp_path, capsys):

@@ -3,7 +3,7 @@
 ``from seqzoo.training import compose, run`` trains exactly what ``python train.py <overrides>`` trains::
 
     cfg = compose(["model=gated_deltanet", "trainer.max_steps=200"])
-    result = run(cfg, "outputs/gdn")  # {"losses", "test", "checkpoint"}
+    result = run(cfg, "outputs/gdn")  # {"losses", "test", "checkpoint", "threads"}
 """
 
 import os

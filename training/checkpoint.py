@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,25 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load`` a checkpoint; a missing or unreadable file fails with one line naming it."""
+    """``torch.load(weights_only=True)`` a checkpoint; a missing or unreadable file fails with one line naming it.
+
+    Raises :class:`FileNotFoundError` for a missing file and :class:`ValueError` ("… is not a seqzoo
+    checkpoint …") for one that does not load as weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises EOFError, OSError, UnpicklingError… for damaged files
+        with warnings.catch_warnings():
+            # A foreign pickle also draws torch's "Detected pickle protocol 4" warning; the error below says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises EOFError, OSError, KeyError, UnpicklingError… for damaged files
+        # torch's own message suggests retrying with weights_only=False, i.e. unpickling arbitrary code from a
+        # file that is not what it claims to be: never pass that on. Name the file and what went wrong only.
         raise ValueError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated'})"
+            f"{path} is not a seqzoo checkpoint: torch.load cannot read it as weights ({type(exc).__name__}); "
+            "the file is damaged, truncated or of another kind"
         ) from None
 
 
@@ -66,7 +77,7 @@ def load_language_model(path: str | os.PathLike, map_location: Any = "cpu") -> t
     checkpoint = read_checkpoint(path, map_location)
     config = checkpoint.get("hyper_parameters", {}).get("config")
     if not config or "model" not in config:
-        raise ValueError(f"checkpoint {path} holds no seqzoo run config (was it written by seqzoo's train.py?)")
+        raise ValueError(f"{path} is not a seqzoo checkpoint: it holds no seqzoo run config (train.py writes one into every checkpoint)")
     model = LanguageModel(config["model"])
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)

@@ -73,11 +73,13 @@ class LanguageModelModule(pl.LightningModule):
         self._eval_counts.zero_()
         self._eval_loss.zero_()
         total = counts.sum(1)
-        self.log(f"{stage}/acc", (total[0] / total[1].clamp(min=1)).item(), prog_bar=True)
-        self.log(f"{stage}/loss", (loss[0] / loss[1].clamp(min=1)).item(), prog_bar=stage == "val")
+        # The sums above are already over every rank, so each rank holds the same numbers; sync_dist=True
+        # averages equal values (exact) and tells Lightning the metric is global (it warned on every DDP run).
+        self.log(f"{stage}/acc", (total[0] / total[1].clamp(min=1)).item(), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", (loss[0] / loss[1].clamp(min=1)).item(), prog_bar=stage == "val", sync_dist=True)
         if len(self.segment_names) > 1:
             for name, (hit, n) in zip(self.segment_names, counts.T):
-                self.log(f"{stage}/acc/{name}", (hit / n.clamp(min=1)).item())
+                self.log(f"{stage}/acc/{name}", (hit / n.clamp(min=1)).item(), sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
