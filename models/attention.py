@@ -12,10 +12,11 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden, head_dim_for
+from seqzoo.models.base import Call, StateShapes, TokenMixer, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import RotaryEmbedding
 from seqzoo.models.registry import register_mixer
+from seqzoo.ops.core import packed_to_padded, padded_to_packed
 
 
 def causal_mask(num_queries: int, past: int, window_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
@@ -46,7 +47,8 @@ def persistent_attention(
     Args:
         q: ``[batch, n, heads, d]`` queries.
         k, v: ``[batch, L, kv_heads, d]`` keys and values; ``kv_heads`` divides ``heads`` (grouped-query).
-        mask: ``[n, L]`` boolean (True = attend), or ``None`` for no mask (or SDPA's own causal mask).
+        mask: ``[n, L]`` or per row ``[batch, n, L]`` boolean (True = attend), or ``None`` for no mask (or SDPA's
+            own causal mask).
         persistent: ``[2, kv_heads, P, d]`` persistent keys then values, prepended to ``k``/``v`` and
             visible to every query; ``None`` or ``P = 0`` for none.
         is_causal: with ``mask=None`` and ``L = n``, query ``i`` sees keys ``j <= i``; SDPA's own causal flag
@@ -66,7 +68,9 @@ def persistent_attention(
         pk, pv = (p.to(q.dtype).expand(batch, -1, -1, -1) for p in persistent)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         if mask is not None:
-            mask = torch.cat([mask.new_ones(n, num_p), mask], dim=1)
+            mask = torch.cat([mask.new_ones(*mask.shape[:-1], num_p), mask], dim=-1)
+    if mask is not None and mask.dim() == 3:  # one mask per row: broadcast over the heads
+        mask = mask[:, None]
     o = F.scaled_dot_product_attention(
         rearrange(q, "b n h d -> b h n d"),
         k,
@@ -146,63 +150,121 @@ class Attention(TokenMixer):
     def attend(
         self,
         x: torch.Tensor,
+        call: Call,
         past_key: torch.Tensor | None = None,
         past_value: torch.Tensor | None = None,
-        offset: int = 0,
+        cached: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention of new tokens over the past keys/values and themselves, before the output projection.
 
         Args:
-            x: ``[batch, seq, hidden]`` new tokens, the first at absolute position ``offset`` (for RoPE).
-            past_key, past_value: ``[batch, past, num_kv_heads, head_dim]`` (after RoPE) of the ``past``
-                tokens just before ``x``, or ``None`` for none.
-            offset: absolute position of ``x``'s first token.
+            x: ``[batch, seq, hidden]`` new tokens, laid out as ``call`` says (a dense batch, or documents
+                packed along ``seq``; each document attends only to itself, its RoPE positions restart at 0).
+            call: the layout, and each row's tokens seen before (``call.start``).
+            past_key, past_value: ``[rows, L, num_kv_heads, head_dim]`` (after RoPE): each row's last
+                ``min(seen, window_size − 1)`` keys (all seen keys without a window), right-aligned, so a
+                row that has seen fewer has left padding. ``None``: nothing before.
+            cached: the caller keeps the returned keys and values (a decode cache); without it a packed call
+                returns none.
 
         Returns:
-            ``(o [batch, seq, num_heads·head_dim], key, value)``: ``key``/``value``
-            ``[batch, kept, num_kv_heads, head_dim]`` are what a decode cache keeps for the next call
-            (all of them, or the last ``window_size − 1`` with a window).
+            ``(o [batch, seq, num_heads·head_dim], key, value)``: ``key``/``value`` ``[rows, kept, …]`` are what a
+            decode cache keeps for the next call, right-aligned the same way.
         """
-        num_queries = x.shape[1]
         q = rearrange(self.q_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
-        past = 0
-        if past_key is not None:
-            past = past_key.shape[1]
-            k, v = torch.cat([past_key, k], dim=1), torch.cat([past_value, v], dim=1)
-        mask = None
-        if self.window_size is not None or (past > 0 and num_queries > 1):
-            mask = causal_mask(num_queries, past, self.window_size, x.device)
-        # Without a window, a single query sees everything and a fresh block is plain causal: no mask
-        # tensor, so SDPA may pick a fused kernel.
-        o = persistent_attention(
-            q, k, v, mask, self.persistent,
-            is_causal=mask is None and past == 0 and num_queries > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
-        keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size - 1)
-        return o, k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
+            positions = call.positions(x.device) if call.uniform_start is None or call.packed else call.uniform_start
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        dropout = self.dropout if self.training else 0.0
+        if call.packed and not cached:
+            # Training on packed documents: one block-diagonal causal (windowed) mask over the packed row.
+            doc = call.sequence_ids(x.device)
+            mask = (doc[:, None] == doc[None, :]) & causal_mask(call.seq, 0, self.window_size, x.device)
+            o = persistent_attention(q, k, v, mask, self.persistent, dropout_p=dropout)
+            return o, k[:, :0], v[:, :0]
+        if call.packed:
+            # A packed prefill continuing a cache: the documents as a right-padded batch, one per cache row.
+            rows = [packed_to_padded(t, call.offsets) for t in (q, k, v)]
+            o, key, value = self._attend_rows(*rows, call, past_key, past_value, dropout)
+            return padded_to_packed(o, call.offsets), key, value
+        return self._attend_rows(q, k, v, call, past_key, past_value, dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """``x: [batch, seq, hidden] -> [batch, seq, hidden]`` (``num_heads·head_dim`` without ``o_proj``);
-        with ``cache``, continue after its tokens."""
-        check_hidden("attention", x, self.hidden_size)
+    def _attend_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: Call,
+        past_key: torch.Tensor | None,
+        past_value: torch.Tensor | None,
+        dropout: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`attend` for rows ``[rows, T, heads, d]`` whose first ``call.lengths[r]`` tokens are real."""
+        rows, num_queries = q.shape[:2]
+        lengths, seen = call.lengths, call.start
+        window = self.window_size
+        held = [s if window is None else min(s, window - 1) for s in seen]
+        past = 0 if past_key is None else past_key.shape[1]
+        if past:
+            k, v = torch.cat([past_key, k], dim=1), torch.cat([past_value, v], dim=1)
+        uniform = len(set(held)) == 1 and len(set(lengths)) == 1 and lengths[0] == num_queries
+        if uniform:
+            # Every row alike (training, a plain prefill, decoding prompts of equal length): one shared mask,
+            # and none at all for a fresh causal block without a window, so SDPA may take a fused kernel.
+            mask = None
+            if window is not None or (past > 0 and num_queries > 1):
+                mask = causal_mask(num_queries, past, window, q.device)
+            o = persistent_attention(
+                q, k, v, mask, self.persistent, is_causal=mask is None and past == 0 and num_queries > 1, dropout_p=dropout
+            )
+            keep = k.shape[1] if window is None else min(k.shape[1], window - 1)
+            return o, k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
+        # Rows at different positions: key j of row r is real if it is one of the row's held past keys (the
+        # last held[r] of the past block) or one of its own new tokens; its position follows from that.
+        device = q.device
+        j = torch.arange(past + num_queries, device=device)
+        held_t = torch.tensor(held, device=device)[:, None]
+        seen_t = torch.tensor(seen, device=device)[:, None]
+        len_t = torch.tensor(lengths, device=device)[:, None]
+        real = torch.where(j < past, j >= past - held_t, j - past < len_t)  # [rows, keys]
+        key_pos = torch.where(j < past, seen_t - past + j, seen_t + j - past)
+        query_pos = seen_t + torch.arange(num_queries, device=device)  # [rows, queries]
+        delta = query_pos[:, :, None] - key_pos[:, None, :]
+        mask = real[:, None, :] & (delta >= 0)
+        if window is not None:
+            mask &= delta < window
+        # Padding queries (beyond a row's length) see every key: their outputs are dropped, but a query with no
+        # key at all would make NaN.
+        mask |= (torch.arange(num_queries, device=device)[None, :] >= len_t)[..., None]
+        o = persistent_attention(q, k, v, mask, self.persistent, dropout_p=dropout)
+        # The cache keeps each row's last kept keys, right-aligned (left padding for shorter rows).
+        kept = [h + n if window is None else min(h + n, window - 1) for h, n in zip(held, lengths)]
+        width = max(kept)
+        last = past + len_t - 1  # index of each row's last real key
+        index = (last - width + 1 + torch.arange(width, device=device)[None, :]).clamp_min(0)
+        pad = torch.arange(width, device=device)[None, :] < (width - torch.tensor(kept, device=device)[:, None])
+        gather = index[..., None, None].expand(-1, -1, *k.shape[2:])
+        key = torch.gather(k, 1, gather).masked_fill(pad[..., None, None], 0.0)
+        value = torch.gather(v, 1, gather).masked_fill(pad[..., None, None], 0.0)
+        return o, key, value
+
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        """``x: [batch, seq, hidden] -> [batch, seq, hidden]`` (``num_heads·head_dim`` without ``o_proj``)."""
         if cache is None:
-            o = self.attend(x)[0]
+            o = self.attend(x, call)[0]
         else:
-            o, key, value = self.attend(x, cache.get("key"), cache.get("value"), cache.seen_tokens)
+            o, key, value = self.attend(x, call, cache.get("key"), cache.get("value"), cached=True)
             cache.set("key", key)
             cache.set("value", value)
-            cache.seen_tokens += x.shape[1]
         return o if self.o_proj is None else self.o_proj(o)
 
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the KV cache after ``seq_len`` tokens (the window caps it for sliding attention);
-        ``None``: the most it ever holds, which needs a window."""
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The KV cache after ``seq_len`` tokens (the window caps it); ``None``: the most it ever holds, which
+        needs a window."""
         if seq_len is None and self.window_size is None:
             raise ValueError("attention: state_size needs seq_len without a window (the KV cache grows with the prompt)")
         held = self.window_size - 1 if seq_len is None else seq_len if self.window_size is None else min(seq_len, self.window_size - 1)
-        return 2 * batch * held * self.num_kv_heads * self.head_dim * self.k_proj.weight.element_size()
+        shape = (held, self.num_kv_heads, self.head_dim)
+        return {"key": (shape, self.k_proj.weight.dtype), "value": (shape, self.k_proj.weight.dtype)}

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqzoo.models.base import head_dim_for
+from seqzoo.models.base import Call, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, init_a_log, init_dt_bias, merge_heads, require, split_heads
-from seqzoo.models.modules import GatedRMSNorm, RMSNorm
+from seqzoo.models.modules import GatedRMSNorm, RMSNorm, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import delta_rule, gated_delta_rule
 
@@ -67,11 +67,11 @@ class _DeltaRuleMixer(LinearMixer):
         beta = torch.sigmoid(self.b_proj(x))
         return 2.0 * beta if self.allow_neg_eigval else beta
 
-    def qkv(self, x: torch.Tensor, cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q, k: [batch, seq, heads, head_k_dim]``, ``v: [batch, seq, heads, head_v_dim]`` after the SiLU convs."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.convs:
-            q, k, v = self.conv("q", q, cache), self.conv("k", k, cache), self.conv("v", v, cache)
+            q, k, v = self.conv("q", q, cache, call), self.conv("k", k, cache, call), self.conv("v", v, cache, call)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         return split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim), split_heads(v, self.head_v_dim)
@@ -131,9 +131,9 @@ class DeltaNet(_DeltaRuleMixer):
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, op="delta_rule", backend=backend,
         )  # fmt: skip
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
-        q, k, v = self.qkv(x, cache)
-        o = self.run_op(delta_rule, q, k, v, self.beta(x), use_qk_l2norm=True, cache=cache)
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        q, k, v = self.qkv(x, cache, call)
+        o = self.run_op(delta_rule, q, k, v, self.beta(x), use_qk_l2norm=True, cache=cache, call=call)
         return self.output(o, x)
 
 
@@ -199,10 +199,10 @@ class GatedDeltaNet(_DeltaRuleMixer):
 
     def log_gate(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head log decay ``g = −exp(A_log)·softplus(W_a x + dt_bias)``, ``[batch, seq, heads]``, fp32, ``<= 0``."""
-        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
-        q, k, v = self.qkv(x, cache)
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        q, k, v = self.qkv(x, cache, call)
         beta, g = self.beta(x), self.log_gate(x)
-        o = self.run_op(gated_delta_rule, q, k, v, beta, g, use_qk_l2norm=True, cache=cache)
+        o = self.run_op(gated_delta_rule, q, k, v, beta, g, use_qk_l2norm=True, cache=cache, call=call)
         return self.output(o, x)

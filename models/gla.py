@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqzoo.models.base import Call
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, merge_heads, require, split_heads
-from seqzoo.models.modules import GatedRMSNorm, RMSNorm
+from seqzoo.models.modules import GatedRMSNorm, RMSNorm, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import gla
 
@@ -90,17 +91,17 @@ class GatedLinearAttention(LinearMixer):
 
     def log_gate(self, x: torch.Tensor) -> torch.Tensor:
         """Per-key log decay ``[batch, seq, heads, head_k_dim]`` (``<= 0``) for ``x: [batch, seq, hidden]``."""
-        g = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
+        g = F.logsigmoid(upcast(self.gk_proj(x))) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             g = g.clamp_min(self.clamp_min)
         return split_heads(g, self.head_k_dim)
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.convs:
-            q, k, v = self.conv("q", q, cache), self.conv("k", k, cache), self.conv("v", v, cache)
+            q, k, v = self.conv("q", q, cache, call), self.conv("k", k, cache, call), self.conv("v", v, cache, call)
         q, k, v = split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim), split_heads(v, self.head_v_dim)
-        o = self.run_op(gla, q, k, v, self.log_gate(x), cache=cache)
+        o = self.run_op(gla, q, k, v, self.log_gate(x), cache=cache, call=call)
         if self.g_proj is not None:
             o = self.g_norm(o, split_heads(self.g_proj(x), self.head_v_dim))
         else:

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqzoo.models.base import Call
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, merge_heads, no_weight_decay, require, split_heads
-from seqzoo.models.modules import RMSNorm
+from seqzoo.models.modules import RMSNorm, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import gla
 
@@ -98,19 +99,19 @@ class HGRN2(LinearMixer):
 
     def key_and_log_forget(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From forget pre-activations ``f: [..., forget_dim]``, the tied key ``1 − f_gate`` and ``log f_gate`` (fp32)."""
-        log_f = F.logsigmoid(f.float())
+        log_f = F.logsigmoid(upcast(f))
         if self.lower_bound_logit is not None:
-            logit = self.lower_bound_logit.float()
+            logit = upcast(self.lower_bound_logit)
             # log lb = logσ(logit), log(1 − lb) = logσ(−logit): no log of a rounded sigmoid. The clamp
             # catches rounding in logaddexp landing a hair above the exact bound log 1 = 0.
             log_f = torch.logaddexp(F.logsigmoid(logit), F.logsigmoid(-logit) + log_f).clamp_max(0.0)
         return -torch.expm1(log_f), log_f
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         q, f, i = self.q_proj(x), self.f_proj(x), self.i_proj(x)
         if self.convs:
-            q, f, i = self.conv("q", q, cache), self.conv("f", f, cache), self.conv("i", i, cache)
+            q, f, i = self.conv("q", q, cache, call), self.conv("f", f, cache, call), self.conv("i", i, cache, call)
         k, g = self.key_and_log_forget(f)
         q, k, g = (split_heads(t, self.head_f_dim) for t in (F.silu(q), k.to(q.dtype), g))
-        o = self.run_op(gla, q, k, split_heads(i, self.head_i_dim), g, cache=cache)
+        o = self.run_op(gla, q, k, split_heads(i, self.head_i_dim), g, cache=cache, call=call)
         return self.o_proj(self.g_norm(merge_heads(o)))

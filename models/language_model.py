@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,9 +96,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps) if config.mlp else None
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.mlp else None
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; ``cache`` is this layer's :class:`LayerCache`."""
-        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; ``cache`` is this layer's :class:`LayerCache`,
+        ``cu_seqlens`` the offsets of documents packed along ``seq`` (see :class:`TokenMixer`)."""
+        x = x + self.mixer(self.mixer_norm(x), cache=cache, cu_seqlens=cu_seqlens)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -106,9 +108,11 @@ class Block(nn.Module):
 class LanguageModel(nn.Module):
     """A causal language model whose token mixers come from a pattern of registered names.
 
-    ``forward(input_ids [batch, seq], cache=None) -> logits [batch, seq, vocab]``. With a
+    ``forward(input_ids [batch, seq], cache=None, *, cu_seqlens=None) -> logits [batch, seq, vocab]``. With a
     :class:`ModelCache` (from :meth:`init_cache`) every layer continues from its cached state, so a
-    prompt can be prefilled in one call and continued token by token (:meth:`generate`).
+    prompt can be prefilled in one call and continued token by token (:meth:`generate`). With
+    ``cu_seqlens`` (``[num_docs + 1]`` offsets, batch 1) the documents packed along ``seq`` are independent:
+    no state or attention crosses a boundary, and positions restart at each document.
     """
 
     def __init__(self, config: LanguageModelConfig | Mapping[str, Any]) -> None:
@@ -136,11 +140,13 @@ class LanguageModel(nn.Module):
         """An empty decoding cache, one :class:`LayerCache` per layer."""
         return ModelCache([block.mixer.init_cache(batch_size) for block in self.blocks])
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for ``input_ids: [batch, seq]`` (integer token ids)."""
-        return self.head(self.hidden_states(input_ids, cache))
+        return self.head(self.hidden_states(input_ids, cache, cu_seqlens=cu_seqlens))
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: ModelCache | None = None, *, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final-norm hidden states ``[batch, seq, hidden]`` (the head's input) for ``input_ids: [batch, seq]``."""
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"LanguageModel: input_ids must be integer [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -156,7 +162,7 @@ class LanguageModel(nn.Module):
             self._check_token_ids(input_ids)
             raise
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache[i])
+            x = block(x, cache=None if cache is None else cache[i], cu_seqlens=cu_seqlens)
         return self.norm(x)
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
@@ -165,12 +171,14 @@ class LanguageModel(nn.Module):
             low, high = input_ids.min().item(), input_ids.max().item()
             raise ValueError(f"LanguageModel: token ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}]") from None
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cross-entropy over positions whose label is not -100.
+    def loss(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy over positions whose label is not -100 (documents packed at ``cu_seqlens``, if given).
 
         Returns ``(loss, correct, count)``: mean loss, number of argmax hits and number of labelled positions.
         """
-        hidden = self.hidden_states(input_ids)
+        hidden = self.hidden_states(input_ids, cu_seqlens=cu_seqlens)
         valid = labels != -100
         # The head runs only where there is a label: MQAR labels a few positions per sequence.
         logits = self.head(hidden[valid]).float()
@@ -182,18 +190,21 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue ``input_ids: [batch, seq]`` by ``max_new_tokens`` tokens; returns ``[batch, seq + new]``.
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Continue prompts by ``max_new_tokens`` tokens each.
 
-        The prompt is prefilled in one parallel pass, then tokens are decoded one at a time through
-        each layer's cache. ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens.
-        ``use_cache=False`` recomputes the whole sequence each step (the reference for tests).
+        ``input_ids`` is a batch ``[batch, seq]`` (returns ``[batch, seq + new]``) or a list of prompts of any
+        lengths (1-D tensors or lists of ids; returns a list of 1-D tensors, each prompt followed by its
+        continuation). The prompts are prefilled in one packed call (``cu_seqlens``), which leaves each layer's
+        cache with one state per prompt, then decoded together, one token per step, each row at its own
+        position; greedy output equals generating each prompt alone. ``temperature=0`` is greedy; ``top_k``
+        keeps the k most likely tokens. ``use_cache=False`` recomputes everything each step (the reference).
         """
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -201,19 +212,33 @@ class LanguageModel(nn.Module):
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"generate: top_k must be >= 1, got {top_k}")
+        batched = isinstance(input_ids, torch.Tensor)
+        device = self.embed.weight.device
+        prompts = list(input_ids) if batched else [torch.as_tensor(p, dtype=torch.long, device=device) for p in input_ids]
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("generate: give a [batch, seq] tensor or a non-empty list of non-empty 1-D prompts")
         was_training = self.training
         self.eval()
-        cache = self.init_cache(input_ids.shape[0]) if use_cache else None
-        tokens = input_ids
-        logits = self(input_ids, cache=cache)[:, -1]
+        lengths = [p.numel() for p in prompts]
+        offsets = torch.tensor([0, *itertools.accumulate(lengths)], device=device)
+        packed = torch.cat(prompts)[None]
+        cache = self.init_cache(len(prompts)) if use_cache else None
+        if use_cache:
+            logits = self(packed, cache=cache, cu_seqlens=offsets)[0, offsets[1:] - 1]
+        outputs: list[list[torch.Tensor]] = [[] for _ in prompts]
         for step in range(max_new_tokens):
+            if not use_cache:
+                rows = [torch.cat([p, *o]) for p, o in zip(prompts, outputs)]
+                cu = torch.tensor([0, *itertools.accumulate(r.numel() for r in rows)], device=device)
+                logits = self(torch.cat(rows)[None], cu_seqlens=cu)[0, cu[1:] - 1]
             next_token = _sample(logits, temperature, top_k, generator)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            if step + 1 == max_new_tokens:
-                break
-            logits = (self(next_token[:, None], cache=cache) if use_cache else self(tokens))[:, -1]
+            for row, token in zip(outputs, next_token):
+                row.append(token[None])
+            if use_cache and step + 1 < max_new_tokens:
+                logits = self(next_token[:, None], cache=cache)[:, -1]
         self.train(was_training)
-        return tokens
+        results = [torch.cat([p, *o]) for p, o in zip(prompts, outputs)]
+        return torch.stack(results) if batched else results
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
         """Bytes of every layer's decoding state after a prompt of ``seq_len`` tokens."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqzoo.models.base import head_dim_for
+from seqzoo.models.base import Call, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.feature_maps import build_feature_map
 from seqzoo.models.linear_common import LinearMixer, merge_heads, require, split_heads
@@ -82,13 +82,13 @@ class LinearAttention(LinearMixer):
         self.scale = 1.0 if self.feature_map.kernel_scaled else None
         self.set_state_shape(num_heads, self.feature_map.feature_size(), head_dim + int(normalize))
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         q = self.feature_map(split_heads(self.q_proj(x), self.feature_dim))
         k = self.feature_map(split_heads(self.k_proj(x), self.feature_dim))
         v = split_heads(self.v_proj(x), self.head_dim)
         if self.normalize:
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        o = self.run_op(simple_gla, q, k, v, None, scale=self.scale, cache=cache)
+        o = self.run_op(simple_gla, q, k, v, None, scale=self.scale, cache=cache, call=call)
         if self.normalize:
             o = o[..., :-1] / (o[..., -1:] + self.eps)
         else:

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden, op_backend
+from seqzoo.models.base import Call, StateShapes, TokenMixer, op_backend
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import ShortConvolution
 
@@ -98,45 +98,38 @@ class LinearMixer(TokenMixer):
         """A causal depthwise conv ``name`` over ``channels`` whose tail is cached as ``conv_<name>``."""
         self.convs[name] = ShortConvolution(channels, kernel_size, activation, bias)
 
-    def conv(self, name: str, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
-        """Run conv ``name`` on ``x: [batch, seq, channels]``, continuing from (and updating) its cached tail."""
+    def conv(self, name: str, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        """Run conv ``name`` on ``x: [batch, seq, channels]``, continuing from (and updating) its cached tail;
+        packed sequences (``call.offsets``) are convolved separately, each with its own tail."""
         key = f"conv_{name}"
-        y, tail = self.convs[name](x, None if cache is None else cache.get(key), output_state=cache is not None)
+        state = None if cache is None else cache.get(key)
+        y, tail = self.convs[name](x, state, output_state=cache is not None, offsets=call.offsets)
         if cache is not None:
             cache.set(key, tail)
         return y
 
     def run_op(
-        self, op: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], *args, cache: LayerCache | None, **kwargs
+        self, op: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], *args, cache: LayerCache | None, call: Call, **kwargs
     ) -> torch.Tensor:
-        """``op(*args, initial_state=cached, output_final_state=…, backend=self.backend, **kwargs)``; stores the new
-        state in ``cache``.
+        """``op(*args, initial_state=cached, output_final_state=…, cu_seqlens=…, backend=self.backend, **kwargs)``;
+        stores the new state in ``cache``.
 
         Without a cache this is the op's parallel form from a zero state; with one, the op continues from
-        ``cache["recurrent"]``, so the same call serves prefill and token-by-token decoding.
-        Returns the op's output ``[batch, seq, heads, value_dim]``.
+        ``cache["recurrent"]``, so the same call serves prefill and token-by-token decoding. Packed sequences
+        (``call.cu_seqlens``) each run from their own row of the cache. Returns ``[batch, seq, heads, value_dim]``.
         """
         initial = None if cache is None else cache.get("recurrent")
-        o, final = op(*args, initial_state=initial, output_final_state=cache is not None, backend=self.backend, **kwargs)
+        o, final = op(
+            *args, initial_state=initial, output_final_state=cache is not None, cu_seqlens=call.cu_seqlens, backend=self.backend, **kwargs
+        )
         if cache is not None:
             cache.set("recurrent", final)
         return o
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:  # pragma: no cover - abstract
-        """The layer itself: ``[batch, seq, hidden] -> [batch, seq, hidden]`` (``cache.seen_tokens`` not yet advanced)."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden(self.mixer_name, x, self.hidden_size)
-        y = self.mix(x, cache)
-        if cache is not None:
-            cache.seen_tokens += x.shape[1]
-        return y
-
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the decode state: the fp32 recurrent matrix plus every conv tail (independent of ``seq_len``)."""
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The recurrent matrix (fp32, fp64 for a float64 model) and every conv tail; independent of ``seq_len``."""
         assert self._state_shape is not None, "LinearMixer subclasses must call set_state_shape"
-        heads, key_dim, value_dim = self._state_shape
-        recurrent = batch * heads * key_dim * value_dim * torch.finfo(torch.float32).bits // 8
-        return recurrent + sum(conv.state_size(batch) for conv in self.convs.values())
+        shapes: StateShapes = {"recurrent": (self._state_shape, self.state_dtype())}
+        for name, conv in self.convs.items():
+            shapes[f"conv_{name}"] = ((conv.kernel_size - 1, conv.conv.in_channels), conv.conv.weight.dtype)
+        return shapes

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from seqzoo.models.base import Call
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, init_a_log, init_dt_bias, no_weight_decay, require, split_heads
-from seqzoo.models.modules import GatedRMSNorm
+from seqzoo.models.modules import GatedRMSNorm, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import simple_gla
 
@@ -95,19 +96,19 @@ class Mamba2(LinearMixer):
 
     def step_size(self, dt_logits: torch.Tensor) -> torch.Tensor:
         """``Δ = softplus(dt_logits + dt_bias)`` in fp32, ``[batch, seq, heads]``."""
-        return F.softplus(dt_logits.float() + self.dt_bias.float())
+        return F.softplus(upcast(dt_logits) + upcast(self.dt_bias))
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         z, xbc, dt_logits = torch.split(self.in_proj(x), self.in_proj_split, dim=-1)
-        xbc = self.conv("xBC", xbc, cache)
+        xbc = self.conv("xBC", xbc, cache, call)
         xs, b, c = torch.split(xbc, [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         dt = self.step_size(dt_logits)
-        g = dt * -self.A_log.float().exp()
+        g = dt * -upcast(self.A_log).exp()
         xs = split_heads(xs, self.head_dim)
         per_group = self.num_heads // self.n_groups
         b, c = (rearrange(t, "b t (g n) -> b t g n", g=self.n_groups).repeat_interleave(per_group, dim=2) for t in (b, c))
         v = (xs * dt[..., None]).to(xs.dtype)
-        y = self.run_op(simple_gla, c, b, v, g, scale=1.0, cache=cache)
+        y = self.run_op(simple_gla, c, b, v, g, scale=1.0, cache=cache, call=call)
         y = y + self.D.to(y.dtype)[:, None] * xs
         y = rearrange(y, "b t (g r) p -> b t g (r p)", g=self.n_groups)
         y = self.norm(y, rearrange(z, "b t (g d) -> b t g d", g=self.n_groups))

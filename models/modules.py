@@ -207,12 +207,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x: [batch, seq, heads, head_dim]`` as if its first token sat at position ``offset``."""
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)  # [seq, head_dim/2]
-        cos = rearrange(torch.cat([angles.cos(), angles.cos()], -1), "t d -> t 1 d")
-        sin = rearrange(torch.cat([angles.sin(), angles.sin()], -1), "t d -> t 1 d")
+    def forward(self, x: torch.Tensor, positions: int | torch.Tensor = 0) -> torch.Tensor:
+        """Rotate ``x: [batch, seq, heads, head_dim]`` for the positions of its tokens.
+
+        ``positions``: the position of the first token (an int; the rest follow), or every token's own
+        position ``[batch or 1, seq]`` (packed documents restart at 0; rows of a cache sit at different offsets).
+        """
+        if isinstance(positions, int):
+            positions = torch.arange(positions, positions + x.shape[1], device=x.device)[None]
+        angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * self.inv_freq  # [batch, seq, head_dim/2]
+        cos = rearrange(torch.cat([angles.cos(), angles.cos()], -1), "b t d -> b t 1 d")
+        sin = rearrange(torch.cat([angles.sin(), angles.sin()], -1), "b t d -> b t 1 d")
         xf = upcast(x)
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from seqzoo.configs import ConfigError
-from seqzoo.models.base import TokenMixer, check_hidden, op_backend
+from seqzoo.models.base import Call, StateShapes, TokenMixer, op_backend
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
@@ -107,12 +107,11 @@ class ParaRNNBlock(TokenMixer):
         self.norm = GatedRMSNorm(inner, norm_eps, activation="silu", norm_before_gate=True)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue from its state."""
-        check_hidden(self.mixer_name, x, self.hidden_size)
         u, z = rearrange(self.in_proj(x), "b t (two e) -> two b t e", two=2)
         conv_state = cache.get("conv_u") if cache is not None else None
-        u, conv_tail = self.conv(u, conv_state=conv_state, output_state=cache is not None)
+        u, conv_tail = self.conv(u, conv_state=conv_state, output_state=cache is not None, offsets=call.offsets)
         initial = cache.get("recurrent") if cache is not None else None
         # One decoded token is one exact step; longer inputs use the configured (training) form.
         backend = "reference" if cache is not None and x.shape[1] == 1 else self.backend
@@ -126,22 +125,22 @@ class ParaRNNBlock(TokenMixer):
                 initial=None if initial is None else initial.to(dtype),
                 backend=backend,
                 output_final_state=cache is not None,
+                cu_seqlens=call.cu_seqlens,
                 **self.solver,
             )
         if cache is not None:
-            cache.set("recurrent", final.to(self._state_dtype()))
+            cache.set("recurrent", final.to(self.state_dtype()))
             cache.set("conv_u", conv_tail.to(self.conv.conv.weight.dtype))
-            cache.seen_tokens += x.shape[1]
         o = self.norm(h.to(x.dtype), z)
         return self.out_proj(o)
 
-    def _state_dtype(self) -> torch.dtype:
-        return torch.float64 if self.cell.proj.dtype == torch.float64 else torch.float32
-
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the cache after any prompt (constant in ``seq_len``): the cell state plus the conv tail."""
-        state = batch * self.cell.state_size * torch.empty((), dtype=self._state_dtype()).element_size()
-        return state + self.conv.state_size(batch)
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The cell state and the conv tail; constant in ``seq_len``."""
+        conv = self.conv
+        return {
+            "recurrent": ((self.cell.state_size,), self.state_dtype()),
+            "conv_u": ((conv.kernel_size - 1, conv.conv.in_channels), conv.conv.weight.dtype),
+        }
 
 
 @register_mixer("pararnn_gru")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
+from seqzoo.models.base import Call
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.linear_common import LinearMixer, merge_heads, require, split_heads
 from seqzoo.models.modules import RMSNorm, RotaryEmbedding
@@ -40,7 +41,7 @@ class MultiScaleRetention(LinearMixer):
             :mod:`seqzoo.ops.core.dispatch`). Default: ``"auto"``.
 
     Shapes: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
-    Cache: ``recurrent`` ``[batch, heads, key_dim/heads, value_dim/heads]`` fp32; ``seen_tokens`` gives RoPE positions.
+    Cache: ``recurrent`` ``[batch, heads, key_dim/heads, value_dim/heads]`` fp32; the cache's positions per row give RoPE positions.
     """
 
     def __init__(
@@ -77,13 +78,13 @@ class MultiScaleRetention(LinearMixer):
         self.register_buffer("log_decay", retention_decays(num_heads).log().float(), persistent=False)
         self.set_state_shape(num_heads, self.head_k_dim, self.head_v_dim)
 
-    def mix(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
-        offset = 0 if cache is None else cache.seen_tokens
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        positions = call.positions(x.device)
         q = split_heads(self.q_proj(x), self.head_k_dim)
         k = split_heads(self.k_proj(x), self.head_k_dim)
         v = split_heads(self.v_proj(x), self.head_v_dim)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         g = repeat(self.log_decay, "h -> b t h", b=x.shape[0], t=x.shape[1])
-        o = self.g_norm(self.run_op(simple_gla, q, k, v, g, cache=cache))
+        o = self.g_norm(self.run_op(simple_gla, q, k, v, g, cache=cache, call=call))
         return self.o_proj(F.silu(self.g_proj(x)) * merge_heads(o))

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
-from seqzoo.models.base import TokenMixer, check_hidden, head_dim_for
+from seqzoo.models.base import Call, TokenMixer, head_dim_for
 from seqzoo.models.cache import LayerCache
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
 from seqzoo.models.registry import register_mixer
@@ -231,8 +231,8 @@ def _load(cache: LayerCache | None, branch: _MemoryBranch) -> TitansState:
     )
 
 
-def _save(cache: LayerCache | None, state: TitansState, seq: int) -> None:
-    """Write ``state`` into ``cache`` after a call of ``seq`` tokens (the inverse of :func:`_load`).
+def _save(cache: LayerCache | None, state: TitansState) -> None:
+    """Write ``state`` into ``cache`` after a call (the inverse of :func:`_load`; the base class advances ``seen``).
 
     Each tensor is stored under its own name; each memory state is packed into one ``[batch, heads, n]``
     tensor. Parts a layer does not have (``None``) are not stored.
@@ -255,7 +255,6 @@ def _save(cache: LayerCache | None, state: TitansState, seq: int) -> None:
     for name, value in tensors.items():
         if value is not None:
             cache.set(name, value)
-    cache.seen_tokens += seq
 
 
 def _pack(state: MemoryState | None) -> torch.Tensor | None:
@@ -357,11 +356,18 @@ class _MemoryBranch(nn.Module):
         return total
 
     # --- compute -----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
-        """Write ``x [batch, seq, in_dim]`` into the memory and read it: ``[batch, seq, heads, head_dim]``; advances ``stream``."""
-        return self.run(*self.features(x, stream), stream)
+    def forward(self, x: torch.Tensor, stream: MemoryStreamState, call: Call | None = None) -> torch.Tensor:
+        """Write ``x [batch, seq, in_dim]`` into the memory and read it: ``[batch, seq, heads, head_dim]``; advances ``stream``.
 
-    def features(self, x: torch.Tensor, stream: MemoryStreamState) -> tuple[torch.Tensor, torch.Tensor]:
+        With a packed ``call`` (training on documents packed along ``seq``, no cache) every document is its own
+        memory from the learned init, its convs and chunks starting at its first token.
+        """
+        offsets = None if call is None else call.offsets
+        return self.run(*self.features(x, stream, offsets), stream, None if call is None else call.cu_seqlens)
+
+    def features(
+        self, x: torch.Tensor, stream: MemoryStreamState, offsets: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, in_dim]`` → ``(qkv [batch, seq, heads, 3·head_dim], gates [batch, seq, heads, n_gates])``.
 
         Advances the conv tails in ``stream``. Under autograd the projections, convs and norms are
@@ -370,14 +376,14 @@ class _MemoryBranch(nn.Module):
         """
         tails = () if self.conv_size is None else stream.conv or (None, None, None)
         if torch.is_grad_enabled():
-            qkv, gates, *new_tails = checkpoint(self._features, x, *tails, use_reentrant=False)
+            qkv, gates, *new_tails = checkpoint(self._features, x, offsets, *tails, use_reentrant=False)
         else:
-            qkv, gates, *new_tails = self._features(x, *tails)
+            qkv, gates, *new_tails = self._features(x, offsets, *tails)
         if new_tails:
             stream.conv = tuple(new_tails)
         return qkv, gates
 
-    def _features(self, x: torch.Tensor, *tails: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def _features(self, x: torch.Tensor, offsets: tuple[int, ...] | None, *tails: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """:meth:`features` without state: returns ``(qkv, gates, *new conv tails)``."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new_tails = []
@@ -385,7 +391,9 @@ class _MemoryBranch(nn.Module):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         else:
             convs = (self.q_conv, self.k_conv, self.v_conv)
-            (q, tq), (k, tk), (v, tv) = (conv(t, tail, output_state=True) for conv, t, tail in zip(convs, (q, k, v), tails))
+            (q, tq), (k, tk), (v, tv) = (
+                conv(t, tail, output_state=True, offsets=offsets) for conv, t, tail in zip(convs, (q, k, v), tails)
+            )
             new_tails = [tq, tk, tv]
         split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
         qkv = torch.cat([l2norm(split(q)), l2norm(split(k)), split(v)], dim=-1)
@@ -394,7 +402,13 @@ class _MemoryBranch(nn.Module):
         return (qkv, gates, *new_tails)
 
     def _op(
-        self, qkv: torch.Tensor, gates: torch.Tensor, initial_state: MemoryState, final: bool, read_only: bool = False
+        self,
+        qkv: torch.Tensor,
+        gates: torch.Tensor,
+        initial_state: MemoryState,
+        final: bool,
+        read_only: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MemoryState | None]:
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if read_only:
@@ -412,7 +426,7 @@ class _MemoryBranch(nn.Module):
         return neural_memory(
             q, k, v, lr, momentum, decay,
             chunk_size=self.chunk_size, memory=self.memory, initial_state=initial_state,
-            output_final_state=final, retrieval=self.retrieval, backend=self.options.backend, **kwargs,
+            output_final_state=final, retrieval=self.retrieval, backend=self.options.backend, cu_seqlens=cu_seqlens, **kwargs,
         )  # fmt: skip
 
     def read(self, q: torch.Tensor, memory_state: MemoryState) -> torch.Tensor:
@@ -421,12 +435,19 @@ class _MemoryBranch(nn.Module):
         gates = q.new_zeros(*q.shape[:3], self.n_gates)
         return self._op(qkv, gates, memory_state, final=False, read_only=True)[0]
 
-    def run(self, qkv: torch.Tensor, gates: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+    def run(
+        self, qkv: torch.Tensor, gates: torch.Tensor, stream: MemoryStreamState, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Write and read the memory for new tokens (:meth:`features`); returns ``[batch, seq, heads, head_dim]``.
 
-        Continues from ``stream`` (chunk-boundary memory + pending tokens) and updates it.
+        Continues from ``stream`` (chunk-boundary memory + pending tokens) and updates it; with ``cu_seqlens``
+        (packed documents, no cache) each document runs from the learned init.
         """
         batch, seq = qkv.shape[:2]
+        if cu_seqlens is not None:
+            dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+            initial = self.state_or_init(None, cu_seqlens.numel() - 1, dtype)
+            return self._op(qkv, gates, initial, final=False, cu_seqlens=cu_seqlens)[0]
         pending_qkv, pending_gates = stream.pending_qkv, stream.pending_gates
         past = 0 if pending_qkv is None else pending_qkv.shape[1]
         if past:
@@ -508,6 +529,9 @@ class TitansLMM(TokenMixer):
     """
     )
 
+    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    ragged_rows = False
+
     @_memory_keywords
     def __init__(self, hidden_size: int, layer_idx: int = 0, **memory: Any) -> None:
         super().__init__()
@@ -519,22 +543,21 @@ class TitansLMM(TokenMixer):
         self.out_norm = GatedRMSNorm(head_dim, activation="sigmoid")
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden("titans_lmm", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache, self.memory)
-        o = self.forward_state(x, state.stream)
-        _save(cache, state, x.shape[1])
+        o = self.forward_state(x, state.stream, call)
+        _save(cache, state)
         return o
 
-    def forward_state(self, x: torch.Tensor, stream: MemoryStreamState) -> torch.Tensor:
+    def forward_state(self, x: torch.Tensor, stream: MemoryStreamState, call: Call | None = None) -> torch.Tensor:
         """The layer on its typed state: ``x [batch, seq, hidden] -> [batch, seq, hidden]``, advancing ``stream``.
 
-        :meth:`forward` without the cache; ``titans_mal`` runs its memory sub-layer through this.
+        :meth:`mix` without the cache; ``titans_mal`` runs its memory sub-layer through this.
         """
-        o = self.memory(x, stream)
+        o = self.memory(x, stream, call)
         gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         return self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
 
@@ -587,6 +610,9 @@ class TitansMAG(TokenMixer):
     """
     )
 
+    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    ragged_rows = False
+
     @_memory_keywords
     def __init__(
         self,
@@ -610,18 +636,16 @@ class TitansMAG(TokenMixer):
         )  # fmt: skip
         self.combine = _GatedCombine(num_heads * head_dim, hidden_size)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden("titans_mag", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache, self.memory)
-        offset = 0 if cache is None else cache.seen_tokens
-        y, *kv = self.attn.attend(x, state.kv.key, state.kv.value, offset)
+        y, *kv = self.attn.attend(x, call, state.kv.key, state.kv.value, cached=cache is not None)
         state.kv = KVState(*kv)
-        m = self.memory(x, state.stream)
+        m = self.memory(x, state.stream, call)
         o = self.combine(y, rearrange(m, "b t h d -> b t (h d)").to(y.dtype))
-        _save(cache, state, x.shape[1])
+        _save(cache, state)
         return o
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
@@ -654,6 +678,9 @@ class TitansMAL(TokenMixer):
     """
     )
 
+    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    ragged_rows = False
+
     @_memory_keywords
     def __init__(
         self,
@@ -677,17 +704,15 @@ class TitansMAL(TokenMixer):
             rope_theta=rope_theta, num_persistent=num_persistent,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden("titans_mal", x, self.hidden_size)
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
         state = _load(cache, self.lmm.memory)
-        m = self.lmm.forward_state(x, state.stream)
-        offset = 0 if cache is None else cache.seen_tokens
-        y, *kv = self.attn.attend(self.attn_norm(x + m), state.kv.key, state.kv.value, offset)
+        m = self.lmm.forward_state(x, state.stream, call)
+        y, *kv = self.attn.attend(self.attn_norm(x + m), call, state.kv.key, state.kv.value, cached=cache is not None)
         state.kv = KVState(*kv)
-        _save(cache, state, x.shape[1])
+        _save(cache, state)
         return m + self.attn.o_proj(y)
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
@@ -737,6 +762,9 @@ class TitansMAC(TokenMixer):
     """
     )
 
+    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    ragged_rows = False
+
     @_memory_keywords
     def __init__(
         self,
@@ -770,14 +798,20 @@ class TitansMAC(TokenMixer):
         self.persistent = nn.Parameter(torch.zeros(2, num_heads, num_persistent, head_dim))
         self.combine = _GatedCombine(width, hidden_size)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens."""
-        check_hidden("titans_mac", x, self.hidden_size)
+    def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
+        """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; with ``cache``, continue after its tokens.
+
+        Packed documents (training, no cache) each run on their own: MAC's segments and its segment-start
+        memory are per document, and the segment loop is sequential anyway.
+        """
         if x.shape[1] == 0:  # nothing to read or write; the cache stays as it is
             return x.new_zeros(x.shape)
+        if call.packed:
+            pieces = [x[:, a:b] for a, b in zip(call.offsets[:-1], call.offsets[1:])]
+            return torch.cat([self.mix(p, None, Call.of(self.mixer_name, p, None, None)) for p in pieces], dim=1)
         state = _load(cache, self.memory)
         segment = state.segment
-        offset = 0 if cache is None else cache.seen_tokens
+        offset = call.start[0]
         batch, seq, _ = x.shape
         split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
         # Everything that depends on x alone is computed for the whole call at once.
@@ -822,7 +856,7 @@ class TitansMAC(TokenMixer):
                 hk, hv, kk, vv = (t[:, :0] for t in (hk, hv, kk, vv))
             segment.memory_kv, state.kv = KVState(hk, hv), KVState(kk, vv)
             start += n
-        _save(cache, state, seq)
+        _save(cache, state)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import seqzoo.training as training
 from seqzoo.models import ConfigError, LanguageModel, build_mixer
+from seqzoo.models.base import Call
 from seqzoo.models.feature_maps import build_feature_map
 from seqzoo.models.retnet import retention_decays
 from seqzoo.ops import l2norm
@@ -172,7 +173,7 @@ def test_delta_rule_with_unit_beta_recalls_the_last_value_exactly(case):
     cache = layer.init_cache(1)
     with torch.no_grad():
         layer(x, cache=cache)
-        _, k, v = layer.qkv(x, None)
+        _, k, v = layer.qkv(x, None, Call.of(case, x, None, None))
     state, k_last = cache.get("recurrent"), l2norm(k[0, -1])
     # Delta rule with normalised k and β = 1: right after the write, Sᵀk = v (the decay acts before it).
     assert_rel_close(torch.einsum("hkv,hk->hv", state[0], k_last), v[0, -1], 1e-4)

@@ -204,8 +204,8 @@ def test_typed_state_round_trips_through_the_cache(case):
     assert (state.kv.key is None) == case.startswith("lmm")
     assert isinstance(state.segment.memory, memory_type) if case.startswith("mac") else state.segment.memory is None
     copy = LayerCache(2)
-    titans_module._save(copy, state, 7)
-    assert copy.seen_tokens == 7 and sorted(copy.tensors) == sorted(cache.tensors)
+    titans_module._save(copy, state)
+    assert cache.seen_tokens == 7 and sorted(copy.tensors) == sorted(cache.tensors)
     for name, tensor in cache.tensors.items():
         assert torch.equal(copy.get(name), tensor), name
     assert titans_module._load(None, branch) == titans_module.TitansState()
