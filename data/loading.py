@@ -36,8 +36,11 @@ def _unbatched(item: Any) -> Any:
     return item
 
 
-def make_train_loader(dataset: Dataset, trainer: Any, seed: int, num_workers: int = 0, batch_size: int | None = None) -> ResumableLoader:
-    """Shuffled, rank-sharded, resumable loader; ``batch_size=None`` when items are whole batches."""
+def make_train_loader(
+    dataset: Dataset, trainer: Any, seed: int, num_workers: int = 0, batch_size: int | None = None, collate_fn: Any = None
+) -> ResumableLoader:
+    """Shuffled, rank-sharded, resumable loader; ``batch_size=None`` when items are whole batches; ``collate_fn``
+    replaces the default stacking."""
     world, rank, epoch = (trainer.world_size, trainer.global_rank, trainer.current_epoch) if trainer is not None else (1, 0, 0)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -46,7 +49,7 @@ def make_train_loader(dataset: Dataset, trainer: Any, seed: int, num_workers: in
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=_unbatched if batch_size is None else None,
+        collate_fn=_unbatched if batch_size is None else collate_fn,
         drop_last=batch_size is not None,
     )
 
@@ -90,7 +93,9 @@ class PaddedEvalSet(Dataset):
         return {**item, "labels": torch.full_like(item["labels"], -100)}
 
 
-def make_eval_loader(dataset: Dataset, trainer: Any, num_workers: int = 0, batch_size: int | None = None) -> ResumableLoader:
+def make_eval_loader(
+    dataset: Dataset, trainer: Any, num_workers: int = 0, batch_size: int | None = None, collate_fn: Any = None
+) -> ResumableLoader:
     """Ordered, rank-sharded evaluation loader: no shuffling, nothing dropped, no item counted twice."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     padded = -(-len(dataset) // world) * world
@@ -101,5 +106,5 @@ def make_eval_loader(dataset: Dataset, trainer: Any, num_workers: int = 0, batch
         batch_size=batch_size,
         sampler=ShardSampler(padded, world, rank),
         num_workers=num_workers,
-        collate_fn=_unbatched if batch_size is None else None,
+        collate_fn=_unbatched if batch_size is None else collate_fn,
     )

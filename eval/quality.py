@@ -57,17 +57,21 @@ def perplexity(
     if split not in datamodule.splits:
         raise ValueError(f"ppl: unknown split {split!r}; choose one of {', '.join(datamodule.splits)}")
     blocks = datamodule.eval_split(split, -1 if max_batches is None else (max_batches or None))
-    loader = torch.utils.data.DataLoader(blocks, batch_size=datamodule.eval_batch_size)
+    # The run's own collation: with varlen data the documents of a batch are kept apart, as in its test loss.
+    loader = torch.utils.data.DataLoader(blocks, batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collate())
     model.to(device)
     position_loss = torch.zeros(datamodule.block_size, dtype=torch.float64)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for batch in progress(loader, f"ppl ({split} split)"):
-        logits = model(batch["input_ids"].to(device)).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"].to(device), reduction="none").double().cpu()
+        cu_seqlens = batch.get("cu_seqlens")
+        logits = model(batch["input_ids"].to(device), cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device)).float()
+        labels = batch["labels"].reshape(-1, datamodule.block_size)
+        logits = logits.reshape(labels.shape[0], datamodule.block_size, -1)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none").double().cpu()
         position_loss += nll.sum(0)
         total_nll += nll.sum().item()
         total_tokens += nll.numel()
-        total_bytes += sum(len(datamodule.tokenizer.decode(row.tolist()).encode("utf-8")) for row in batch["labels"])
+        total_bytes += sum(len(datamodule.tokenizer.decode(row.tolist()).encode("utf-8")) for row in labels)
     if total_tokens == 0:
         raise ValueError(f"ppl: the {split} split yielded no tokens")
     mean_nll = total_nll / total_tokens

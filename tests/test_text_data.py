@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from seqzoo.data import ByteTokenizer, HFTokenizer, TextDataModule, load_documents, pack_documents, stdlib_corpus_files
 
@@ -69,10 +70,12 @@ def test_local_hf_tokenizer_file(tmp_path):
 
 
 def test_text_datamodule_splits_are_disjoint_and_shaped(tmp_path):
-    dm = TextDataModule(source="stdlib", max_documents=40, block_size=64, batch_size=4, eval_batch_size=4, cache_dir=str(tmp_path))
+    dm = TextDataModule(
+        source="stdlib", max_documents=40, block_size=64, batch_size=4, eval_batch_size=4, cache_dir=str(tmp_path), varlen=False
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape == (4, 64) and batch["labels"].shape == (4, 64)
+    assert batch["input_ids"].shape == (4, 64) and batch["labels"].shape == (4, 64) and "cu_seqlens" not in batch
     assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
     assert int(batch["input_ids"].max()) < 257
     sizes = {k: len(v) for k, v in dm.splits.items()}
@@ -96,3 +99,35 @@ def test_hub_source_reads_a_dataset_repository_folder(corpus_files, tmp_path):
     assert docs["text"] == DOCS[:3]
     with pytest.raises(ValueError, match="needs data.name"):
         load_documents("hub")
+
+
+def test_varlen_batches_mark_every_document_start():
+    from seqzoo.data.text import VarlenCollate
+
+    eos = 9
+    blocks = [torch.tensor([1, 2, eos, 3, 4, eos, 5, 6]), torch.tensor([7, eos, 8, 8, 8, 8, 8, eos])]
+    batch = VarlenCollate(eos)([{"input_ids": b, "labels": b + 100} for b in blocks])
+    assert batch["input_ids"].shape == batch["labels"].shape == (1, 16)
+    assert torch.equal(batch["labels"][0], torch.cat(blocks) + 100)
+    # Starts: each block, and the token after every end-of-document id (not past the row's end).
+    assert batch["cu_seqlens"].tolist() == [0, 3, 6, 8, 10, 16]
+
+
+def test_varlen_training_batches_keep_documents_apart():
+    import datasets
+
+    from seqzoo.data.text import BlockDataset, VarlenCollate
+    from seqzoo.models import LanguageModel
+
+    tokenizer = ByteTokenizer()
+    docs = datasets.Dataset.from_dict({"text": ["short one", "a second document", "x = 1\n", "def f():\n    pass\n" * 3]})
+    blocks = BlockDataset(pack_documents(docs, tokenizer, block_size=16))
+    batch = VarlenCollate(tokenizer.eos_id)([blocks[i] for i in range(len(blocks))])
+    ids, cu = batch["input_ids"], batch["cu_seqlens"]
+    assert ids.shape == (1, 16 * len(blocks)) and len(cu) - 1 > len(blocks)  # documents end inside blocks
+    torch.manual_seed(0)
+    model = LanguageModel({"vocab_size": 257, "hidden_size": 16, "num_layers": 1, "pattern": ["gated_deltanet"]})
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            assert torch.allclose(packed[:, a:b], model(ids[:, a:b]), atol=1e-5)

@@ -54,13 +54,13 @@ class LanguageModelModule(pl.LightningModule):
         torch.manual_seed(self.seed * 1_000_003 + self.trainer.global_step * 1009 + self.trainer.global_rank)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"])
+        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", correct / count.clamp(min=1), prog_bar=True)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"])
+        loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
         segment = int(batch.get("segment", 0))
         self._eval_counts[0, segment] += correct.item()
         self._eval_counts[1, segment] += count.item()

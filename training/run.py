@@ -217,6 +217,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     Lightning's GPU/TPU lines and tips) is filtered while it runs (:func:`seqzoo.training.quiet.quiet_training`).
     """
     output_dir = Path(output_dir)
+    if cfg.compile and cfg.data.get("varlen", False):
+        # A packed layout is read on the host each batch: a compiled graph would break or recompile on it.
+        raise ConfigError("compile=true needs data.varlen=false (packed documents are laid out on the host per batch)")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir)
     with quiet_training(), torch_threads(cfg.threads):
         return _run(cfg, output_dir, ckpt_path)
