@@ -116,6 +116,13 @@ class ShortConvolution(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(batch, keep, channels)
         conv_state = conv_state.to(x.dtype)
+        if seq == 1 and not torch.is_grad_enabled():
+            # A decode step: the taps as one product-and-sum over the kernel window, and the window shifted by one.
+            window = torch.cat([conv_state, x], dim=1)  # [batch, kernel_size, channels]
+            y = (window * self.conv.weight[:, 0].to(x.dtype).T).sum(1, keepdim=True)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias.to(x.dtype)
+            return self.activation(y), (window[:, 1:].clone() if output_state else None)
         if torch.is_grad_enabled():
             # Recomputed in backward: autograd keeps x instead of the padded input and the pre-activation
             # output (one activation-sized tensor less per conv; the recompute is a depthwise conv).
