@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kind",
         nargs="?",
         default="models",
-        choices=["models", "layers", "ops", "titans", "pararnn"],
+        choices=["models", "layers", "ops", "titans", "pararnn", "varlen"],
         help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop",
     )
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
@@ -316,6 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.device,
                     args.dtype,
                 )
+        elif args.kind == "varlen":
+            from seqzoo.eval.bench_varlen import bench_varlen
+
+            bench_varlen(
+                args.mixers, out, _default(args.seq_lens, [1024])[0], _default(args.batch, 4), _default(args.hidden, 128),
+                args.layers, max(args.vocab, 257), args.repeats,
+            )  # fmt: skip
         elif args.kind == "pararnn":
             from seqzoo.eval.bench_pararnn import bench_pararnn
 
