@@ -42,7 +42,7 @@ class GatedRMSNorm(RMSNorm):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if torch.is_grad_enabled():
+        if recompute_pays(x):
             # Recomputed in backward: autograd keeps x and gate, not the upcast, normalised and gated copies.
             return checkpoint(self._normalise_and_gate, x, gate, use_reentrant=False)
         return self._normalise_and_gate(x, gate)
@@ -123,7 +123,7 @@ class ShortConvolution(nn.Module):
             if self.conv.bias is not None:
                 y = y + self.conv.bias.to(x.dtype)
             return self.activation(y), (window[:, 1:].clone() if output_state else None)
-        if torch.is_grad_enabled():
+        if recompute_pays(x):
             # Recomputed in backward: autograd keeps x instead of the padded input and the pre-activation
             # output (one activation-sized tensor less per conv; the recompute is a depthwise conv).
             y = checkpoint(self._convolve, conv_state, x, use_reentrant=False)
@@ -229,6 +229,17 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# Recomputing an activation in backward saves its memory at the price of running it twice. Below this many
+# elements (4 MiB in fp32) the memory saved is negligible and the recompute's own overhead (hooks, a second
+# pass of several small ops) costs more than it saves: at 128 tokens it was a visible share of a step.
+RECOMPUTE_MIN_NUMEL = 1 << 20
+
+
+def recompute_pays(x: torch.Tensor) -> bool:
+    """Whether to recompute an activation of ``x``'s size in backward instead of keeping it (autograd on, large)."""
+    return torch.is_grad_enabled() and x.numel() >= RECOMPUTE_MIN_NUMEL
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
 from seqzoo.models.base import Call, StateShapes, TokenMixer, head_dim_for
 from seqzoo.models.cache import LayerCache
-from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
+from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, recompute_pays, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import LinearMemoryState, MLPMemoryState, l2norm, neural_memory
 from seqzoo.ops.core import OpInputError, check_backend
@@ -373,7 +373,7 @@ class _MemoryBranch(nn.Module):
         less per layer, for about 10-15% more fwd+bwd time on CPU).
         """
         tails = () if self.conv_size is None else stream.conv or (None, None, None)
-        if torch.is_grad_enabled():
+        if recompute_pays(x):
             qkv, gates, *new_tails = checkpoint(self._features, x, offsets, *tails, use_reentrant=False)
         else:
             qkv, gates, *new_tails = self._features(x, offsets, *tails)
