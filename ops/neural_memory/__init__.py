@@ -41,7 +41,7 @@ from seqzoo.ops.core import (
     fail,
     needs_grad,
 )
-from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp
+from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp, neural_memory_steps_linear
 from seqzoo.ops.neural_memory.memory import ACTIVATIONS, LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.neural_memory.reference import neural_memory_reference
 
@@ -172,7 +172,8 @@ def neural_memory(
         phase, chunk_start: continue in the middle of a chunk (decoding): ``phase`` tokens of the current chunk
             came before this call, ``initial_state`` is the state after them and ``chunk_start`` the state at the
             chunk's start, whose weights are the gradient base of the chunk's remaining tokens. Those (at most
-            ``chunk_size − phase``) run token by token (the ``reference`` loop, a few small ops each); the rest
+            ``chunk_size − phase``) run token by token (a closed-form step for the linear memory, the reference
+            loop for the MLP memory or ``backend="reference"``); the rest
             continue in whole chunks. A decode step therefore touches a fixed-size state, however long the context.
 
     Returns:
@@ -256,9 +257,11 @@ def neural_memory(
     if phase:
         base = _initial_state(memory, chunk_start, (batch, heads, key_dim, value_dim), q.device, dtype)
         head = min(seq, chunk_size - phase)
-        o_head, state = neural_memory_reference(
-            *(t[:, :head] for t in (q, k, v, lr, momentum, decay)), chunk_size, state, spec, retrieval, phase, base[: len(base) // 2]
-        )
+        head_inputs = [t[:, :head] for t in (q, k, v, lr, momentum, decay)]
+        if memory == "linear" and backend != "reference":
+            o_head, state = neural_memory_steps_linear(*head_inputs, state, base.weight, phase, chunk_size, retrieval)
+        else:
+            o_head, state = neural_memory_reference(*head_inputs, chunk_size, state, spec, retrieval, phase, base[: len(base) // 2])
         if head == seq:
             return o_head.to(q.dtype), (state if output_final_state else None)
         rest = (t[:, head:] for t in (q, k, v, lr, momentum, decay))
