@@ -64,7 +64,7 @@ def main(names: list[str]) -> int:
                 reference, converted = model(ids).logits.double(), ours(ids).logits.double()
         diff = (converted - reference).abs().max().item()
         rel = ((converted - reference).norm() / reference.norm()).item()
-        ok = rel < 1e-4
+        ok = rel < 1e-5  # fp32 rounding of two summation orders is ~1e-6
         failures += not ok
         print(f"{name:16s} max|Δlogit| {diff:.3e}  rel {rel:.3e}  {'ok' if ok else 'MISMATCH'}", flush=True)
     return 1 if failures else 0
