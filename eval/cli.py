@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kind",
         nargs="?",
         default="models",
-        choices=["models", "layers", "ops", "titans", "pararnn"],
+        choices=["models", "layers", "ops", "titans", "pararnn", "loss", "generate"],
         help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop",
     )
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2); pararnn: projection heads (default 2)"
     )
     bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
-    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--decode-tokens", type=int, default=16, help="models: decode steps; generate: new tokens (default 16)")
+    bench.add_argument("--vocabs", nargs="+", type=int, default=[32768, 131072], help="loss: vocabulary sizes")
+    bench.add_argument("--tokens", type=int, default=8192, help="loss: tokens per batch")
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--repeats", type=int, default=3)
@@ -346,6 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.device,
                     args.dtype,
                 )
+        elif args.kind == "loss":
+            from seqzoo.eval.bench_hf import bench_loss
+
+            bench_loss(out, args.vocabs, _default(args.hidden, 512), args.tokens, args.device, args.repeats)
+        elif args.kind == "generate":
+            from seqzoo.eval.bench_hf import bench_generate
+
+            bench_generate(
+                out, args.mixers, _default(args.seq_lens, [1024]), args.decode_tokens, _default(args.hidden, 128), args.layers,
+                args.vocab, _default(args.batch, 1), args.options, args.device, args.repeats,
+            )  # fmt: skip
         elif args.kind == "pararnn":
             from seqzoo.eval.bench_pararnn import bench_pararnn
 
