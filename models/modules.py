@@ -211,8 +211,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> torch.Tensor:
+        return (1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)).float()
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent frequencies (a model built on the meta device, as HF's loader does, has none)."""
+        self.inv_freq = self._frequencies().to(self.inv_freq.device)
 
     def forward(self, x: torch.Tensor, positions: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate ``x: [batch, seq, heads, head_dim]`` for the positions of its tokens.
