@@ -17,18 +17,22 @@ Per token ``x_t`` (``D`` wide), with ``M`` memories and top-``k`` routing:
 4. **Output.** ``o_proj(RMSNorm(o) ⊙ swish(g_proj(x)))`` per head (``RMSNorm(o)`` without the output gate).
 
 **Training path** (:meth:`MixtureOfMemories._routed_packed`): the ``n`` tokens are duplicated ``k`` times (one
-entry per (token, selected memory)), the entries are *stably* sorted by segment ``(memory, sequence)``, so
-each memory's entries form one contiguous block (its projections are one matmul) and inside a segment the
-time order is kept by the stable sort alone; the rule runs **once**, packed, with ``cu_seqlens`` over the
-non-empty segments (and the shared memory's sequences appended to the same call); the outputs are scattered
-back to their entries and mixed with the routing weights. Nothing is padded to the longest memory. With the
-model-level ``cu_seqlens`` (packed documents) a document is a sequence of its own, so a memory's stream never
-crosses a document. The short convolutions run on the same packed segments with per-segment boundaries.
+entry per (token, selected memory)), the entries are *stably* sorted by their segment, the (memory, sequence)
+pair; inside a segment the time order is kept by the stable sort alone. The segments are laid out memory-major
+(fla's padded tensor is memory-major too): they are the same segments as in a sequence-major order, but each
+memory's entries then form one contiguous block and its k/v/β/a projections are one matmul on exactly its
+entries. The rule runs **once**, packed, with ``cu_seqlens`` over the non-empty segments (the shared memory's
+sequences appended to the same call); the outputs are scattered back to their entries and mixed with the
+routing weights. Nothing is padded to the longest memory. With the model-level ``cu_seqlens`` (packed
+documents) a document is a sequence of its own, so a memory's stream never crosses a document. The short
+convolutions run on the same packed segments with per-segment boundaries. Which segments are empty is read
+on the host once per call; under ``torch.compile`` that read happens inside one ``torch.library`` op
+(``seqzoo::mom_segments``, whose backward recomputes the rule) and every memory projects every token.
 
 **Padded reference** (``path="padded"``, :meth:`MixtureOfMemories._routed_padded`): every (memory, sequence)
 pair gets a dense row of capacity 1.0 (as many slots as the sequence has tokens), its routed tokens first in
-time order; every memory runs the rule as a dense batch. It computes the same function ``M``/``k`` times
-less efficiently and shares none of the packed path's index arithmetic: it is the tests' oracle.
+time order; every memory runs the rule as a dense batch. It computes the same function with about ``M/k``
+times the rule's work and shares none of the packed path's index arithmetic: it is the tests' oracle.
 
 **Decoding**: the cache holds ``M`` states per row (+1 shared) and, per memory, the tails of the three convs
 over that memory's own stream. A call updates only the memories its tokens were routed to (and the shared
@@ -574,8 +578,13 @@ class MixtureOfMemories(TokenMixer):
             q, kk = l2norm(q), l2norm(kk)
         if compiling:
             all_bounds = bounds
-            if self.shared_memory:  # compile refuses packed documents: the rows are dense, seq tokens each
-                all_bounds = torch.cat([bounds, n * k + seq * torch.arange(1, batch + 1, device=device)])
+            if self.shared_memory:
+                rows_end = (
+                    call.cu_seqlens[1:].to(device=device, dtype=torch.long)
+                    if call.packed
+                    else seq * torch.arange(1, batch + 1, device=device)
+                )
+                all_bounds = torch.cat([bounds, n * k + rows_end])
             empty = q.new_empty(0)
             o = torch.ops.seqzoo.mom_segments(
                 self.update_rule, q, kk, v, beta if beta is not None else empty, g if g is not None else empty, all_bounds, self.backend
