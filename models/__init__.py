@@ -15,6 +15,7 @@ from seqzoo.models.language_model import Block, LanguageModel, LanguageModelConf
 from seqzoo.models.linear_attention import LinearAttention
 from seqzoo.models.mamba2 import Mamba2
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
+from seqzoo.models.mom import MixtureOfMemories
 from seqzoo.models.pararnn import ParaGRUMixer, ParaLSTMMixer
 from seqzoo.models.registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 from seqzoo.models.retnet import MultiScaleRetention
@@ -34,6 +35,7 @@ __all__ = [
     "LayerCache",
     "LinearAttention",
     "Mamba2",
+    "MixtureOfMemories",
     "ModelCache",
     "MultiScaleRetention",
     "ParaGRUMixer",

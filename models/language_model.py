@@ -18,6 +18,7 @@ from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import ModelCache
 from seqzoo.models.losses import CHUNK_ELEMENTS, linear_cross_entropy
 from seqzoo.models.modules import RMSNorm, SwiGLU
+from seqzoo.models.mom import BALANCE_FORMS, layer_balance_loss, routing_loads, switch_balance_loss
 from seqzoo.models.registry import build_mixer, get_mixer_class
 from seqzoo.ops.core import checks_enabled
 
@@ -38,6 +39,9 @@ class LanguageModelConfig:
         tie_embeddings: share the embedding matrix with the output head.
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal init of linear and embedding weights.
+        balance_loss: for models with routed mixers (``mom``): ``{"form": "layer" | "switch", "weight": w}``, the
+            router balance loss added to the LM loss with weight ``w`` by the trainer (see
+            :meth:`LanguageModel.routing_stats`); ``None``: no balance loss (the loads are still reported).
     """
 
     vocab_size: int
@@ -50,6 +54,7 @@ class LanguageModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    balance_loss: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LanguageModelConfig:
@@ -60,7 +65,8 @@ class LanguageModelConfig:
             raise ConfigError(f"model config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if "vocab_size" not in values:
             raise ConfigError("model config: vocab_size is required")
-        config = cls(**{k: (dict(v) if k == "mixers" else list(v) if k == "pattern" else v) for k, v in values.items()})
+        mappings = ("mixers", "balance_loss")
+        config = cls(**{k: (dict(v) if k in mappings and v is not None else list(v) if k == "pattern" else v) for k, v in values.items()})
         config.validate()
         return config
 
@@ -81,6 +87,24 @@ class LanguageModelConfig:
             raise ConfigError(f"model config: options given for mixer(s) {', '.join(unused)} not in pattern {self.pattern}")
         if self.mlp not in (None, "swiglu"):
             raise ConfigError(f"model config: mlp must be 'swiglu' or null, got {self.mlp!r}")
+        if self.balance_loss is not None:
+            self._validate_balance_loss()
+
+    def _validate_balance_loss(self) -> None:
+        """``balance_loss``: a mapping of ``form`` (``layer`` | ``switch``) and ``weight`` (>= 0), for a pattern with a router."""
+        spec = self.balance_loss
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"model config: balance_loss must be a mapping {{form, weight}} or null, got {spec!r}")
+        unknown = sorted(set(spec) - {"form", "weight"})
+        if unknown:
+            raise ConfigError(f"model config: balance_loss: unknown key(s) {', '.join(unknown)}; known: form, weight")
+        if spec.get("form") not in BALANCE_FORMS:
+            raise ConfigError(f"model config: balance_loss.form must be one of {', '.join(BALANCE_FORMS)}, got {spec.get('form')!r}")
+        weight = spec.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"model config: balance_loss.weight must be a number >= 0, got {weight!r}")
+        if not any(getattr(get_mixer_class(name), "has_router", False) for name in self.pattern):
+            raise ConfigError(f"model config: balance_loss needs a routed mixer (mom) in the pattern, got {self.pattern}")
 
     def layer_mixers(self) -> list[str]:
         """The mixer name of every layer, the pattern repeated to the depth."""
@@ -194,6 +218,29 @@ class LanguageModel(nn.Module):
         correct = (logits.argmax(-1) == targets).sum()
         return loss, correct, valid.sum()
 
+    def routing_stats(self) -> RoutingStats | None:
+        """The routers of the last forward: balance loss and loads. Collects the router logits the routed mixers
+        stored on themselves (:attr:`MixtureOfMemories.router_logits`) and clears them, so call it once after each
+        forward whose routing should count (the trainer does, after every training step's loss).
+
+        Returns ``None`` when the model has no routed mixer or none has run since the last call.
+        """
+        routed = [(i, block.mixer) for i, block in enumerate(self.blocks) if getattr(block.mixer, "has_router", False)]
+        logits = [(i, mixer.topk, mixer.pop_router_logits()) for i, mixer in routed]
+        logits = [(i, k, x) for i, k, x in logits if x is not None]
+        if not logits:
+            return None
+        loads = {i: routing_loads(x.detach(), k) for i, k, x in logits}
+        loss, weight = None, 0.0
+        if self.config.balance_loss is not None:
+            form, weight = self.config.balance_loss["form"], float(self.config.balance_loss["weight"])
+            topks = {k for _, k, _ in logits}
+            if len(topks) != 1:  # pragma: no cover - one mixer name, one set of options
+                raise ValueError(f"LanguageModel: routed layers disagree on topk {sorted(topks)}")
+            loss_fn = switch_balance_loss if form == "switch" else layer_balance_loss
+            loss = loss_fn([x for _, _, x in logits], topks.pop())
+        return RoutingStats(loss=loss, weight=weight, loads=loads)
+
     @torch.no_grad()
     def generate(
         self,
@@ -264,6 +311,21 @@ class LanguageModel(nn.Module):
                 if param.dim() < 2 or isinstance(module, (nn.Embedding, RMSNorm)) or getattr(param, "_no_weight_decay", False):
                     names.add(full)
         return names
+
+
+@dataclass
+class RoutingStats:
+    """What :meth:`LanguageModel.routing_stats` reports of the routers' last forward.
+
+    Attributes:
+        loss: the balance loss of the config's form (a scalar with its graph), or ``None`` without ``balance_loss``.
+        weight: its weight in the training objective (0 without ``balance_loss``).
+        loads: layer index → fraction of the tokens routed to each memory, ``[M]`` (sums to ``topk``).
+    """
+
+    loss: torch.Tensor | None
+    weight: float
+    loads: dict[int, torch.Tensor]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:

@@ -98,14 +98,17 @@ class ShortConvolution(nn.Module):
         x: torch.Tensor,
         conv_state: torch.Tensor | None = None,
         output_state: bool = False,
-        offsets: tuple[int, ...] | None = None,
+        offsets: tuple[int, ...] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Convolve ``x: [batch, seq, channels]``.
 
         ``conv_state: [batch, kernel_size-1, channels]`` holds the inputs before ``x`` (zeros if ``None``).
-        With ``offsets`` (host copy of ``cu_seqlens``, ``[num_seqs + 1]``; ``batch == 1``) the sequences packed
-        along ``seq`` are convolved separately: a tap never reads across a boundary, and ``conv_state`` and
-        the new state are ``[num_seqs, kernel_size-1, channels]``, one per sequence.
+        With ``offsets`` (``[num_seqs + 1]``, ``batch == 1``: the host copy of ``cu_seqlens``, or ``cu_seqlens``
+        itself as a 1-D integer tensor) the sequences packed along ``seq`` are convolved separately: a tap never
+        reads across a boundary, and ``conv_state`` and the new state are ``[num_seqs, kernel_size-1, channels]``,
+        one per sequence. Offsets may repeat (empty sequences, whose new state is their old one); given as a
+        tensor they are never read on the host, so a call whose packing is computed on the device (MoM's
+        routed segments) traces under ``torch.compile``.
         Returns ``(y [batch, seq, channels], new_state or None)``; the new state is the last
         ``kernel_size-1`` inputs, ready for the next call.
         """
@@ -137,7 +140,7 @@ class ShortConvolution(nn.Module):
         return y, new_state
 
     def _forward_packed(
-        self, x: torch.Tensor, conv_state: torch.Tensor | None, output_state: bool, offsets: tuple[int, ...]
+        self, x: torch.Tensor, conv_state: torch.Tensor | None, output_state: bool, offsets: tuple[int, ...] | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` on packed sequences: every tap reads through a gather that stops at its sequence's start.
 
@@ -146,7 +149,7 @@ class ShortConvolution(nn.Module):
         else at that sequence's state row (or the zero row without a state).
         """
         keep, seq, channels = self.kernel_size - 1, x.shape[1], x.shape[2]
-        num_seqs = len(offsets) - 1
+        num_seqs = (offsets.numel() if isinstance(offsets, torch.Tensor) else len(offsets)) - 1
         if conv_state is not None:
             states = conv_state.to(x.dtype).reshape(num_seqs * keep, channels)
         else:
@@ -154,9 +157,12 @@ class ShortConvolution(nn.Module):
         source = torch.cat([x.new_zeros(1, channels), states, x[0]])
         x_base = 1 + states.shape[0]
 
-        bounds = torch.tensor(offsets, device=x.device)
-        lengths = bounds[1:] - bounds[:-1]
-        seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths)
+        bounds = (
+            offsets.to(device=x.device, dtype=torch.long) if isinstance(offsets, torch.Tensor) else torch.tensor(offsets, device=x.device)
+        )
+        t = torch.arange(seq, device=x.device)
+        # The sequence of token t: how many sequences end at or before it (an empty one ends where it starts).
+        seq_id = torch.searchsorted(bounds[1:], t, right=True)
 
         def rows(seq_of: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             """Source row of input position ``p`` as seen from sequence ``seq_of`` (same shapes)."""
@@ -164,8 +170,7 @@ class ShortConvolution(nn.Module):
             before = (1 + seq_of * keep + keep - (bos - p)) if conv_state is not None else torch.zeros_like(p)
             return torch.where(p >= bos, x_base + p, before)
 
-        t = torch.arange(seq, device=x.device)
-        index = torch.stack([rows(seq_id, t - s) for s in range(1, keep + 1)])  # [keep, seq]: x_{t - s}
+        index = [rows(seq_id, t - s) for s in range(1, keep + 1)]  # index[s - 1]: the row of x_{t - s}
         weight = self.conv.weight[:, 0].to(x.dtype)  # [channels, taps]; tap j multiplies x_{t - (keep - j)}
         y = x[0] * weight[:, keep]
         for s in range(1, keep + 1):

@@ -126,6 +126,25 @@ def test_short_convolution_streaming_equals_one_call_and_is_causal():
     assert conv.state_size(batch=2) == state.numel() * state.element_size()
 
 
+def test_short_convolution_takes_device_offsets_with_empty_sequences():
+    # MoM's routed segments: offsets computed on the device, some sequences empty. Each sequence is convolved
+    # alone from its own state, and an empty one hands its state back unchanged.
+    torch.manual_seed(0)
+    conv = ShortConvolution(5, kernel_size=3, bias=True).double()
+    x = torch.randn(1, 9, 5, dtype=torch.float64)
+    states = torch.randn(4, 2, 5, dtype=torch.float64)
+    offsets = torch.tensor([0, 4, 4, 5, 9])  # sequence 1 is empty
+    y, new = conv(x, states, output_state=True, offsets=offsets)
+    for i, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        alone, tail = conv(x[:, a:b], states[i : i + 1], output_state=True)
+        if b > a:
+            assert_rel_close(y[:, a:b], alone, 1e-15)
+        assert torch.equal(new[i], tail[0])
+    assert torch.equal(new[1], states[1])
+    same, _ = conv(x, states[[0, 2, 3]], output_state=True, offsets=(0, 4, 5, 9))
+    assert torch.equal(y, same)
+
+
 def test_rotary_is_relative():
     rope = RotaryEmbedding(16)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)

@@ -52,6 +52,11 @@ class EvalMetrics(Metric):
 class LanguageModelModule(pl.LightningModule):
     """Trains a :class:`LanguageModel` on batches ``{"input_ids", "labels"[, "segment"]}``.
 
+    For a model with routed mixers (MoM) each training step also logs the per-layer memory loads
+    (``train/load/layer<i>/mem<m>``, the fraction of tokens routed to each memory) and, with the model config's
+    ``balance_loss``, adds ``weight · balance_loss`` to the objective and logs ``train/balance_loss`` beside
+    ``train/loss`` (the LM loss alone).
+
     Args:
         config: the whole run config as a plain dict (saved with every checkpoint); reads
             ``config["model"]``, ``config["optim"]``, ``config["seed"]`` and ``config.get("compile")``: compile the
@@ -83,10 +88,20 @@ class LanguageModelModule(pl.LightningModule):
         loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", correct / count.clamp(min=1), prog_bar=True)
+        routing = self.model.routing_stats()
+        if routing is not None:
+            # Routed mixers (MoM): the balance loss joins the objective; train/loss stays the LM loss alone.
+            if routing.loss is not None:
+                self.log("train/balance_loss", routing.loss.detach())
+                loss = loss + routing.weight * routing.loss
+            for layer, load in routing.loads.items():
+                for memory, fraction in enumerate(load.tolist()):
+                    self.log(f"train/load/layer{layer}/mem{memory}", fraction)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
+        self.model.routing_stats()  # drops the routers' logits of this batch (the balance loss is a training term)
         self.eval_metrics.update(loss, correct, count, int(batch.get("segment", 0)))
 
     def _eval_epoch_end(self, stage: str) -> None:
