@@ -25,9 +25,13 @@ from seqzoo.ops.core import autocast_off, compute_dtype, packed_to_padded, padde
 from seqzoo.ops.utils import default_scale
 
 # Score elements of one query chunk: 2^24 fp32 values are 64 MiB, so 32K tokens at L = 10 with 4 heads run
-# in ~26 chunks of ~1.3K queries and a laptop never holds more than a few hundred MiB of scores.
+# in chunks of ~1K queries and a laptop never holds more than a few hundred MiB of scores.
 SCORE_BUDGET = 1 << 24
 MIN_QUERY_CHUNK = 64
+# Queries per chunk at most: a chunk scores every checkpoint its last query sees, so shorter chunks skip more of
+# the invisible (future) checkpoints. One chunk for all 4K queries at L = 10 took 4x as long as chunks of 1K
+# (2-core CPU); below ~512 the per-chunk overhead starts to show.
+MAX_QUERY_CHUNK = 1024
 
 
 def checkpoint_offsets(offsets: list[int], segment_len: int) -> list[int]:
@@ -39,8 +43,9 @@ def checkpoint_offsets(offsets: list[int], segment_len: int) -> list[int]:
 
 
 def query_chunk(batch: int, heads: int, seq: int, num_ckpt: int) -> int:
-    """Queries per chunk so that one chunk's ``[batch, heads, chunk, num_ckpt]`` scores stay within :data:`SCORE_BUDGET`."""
-    return min(seq, max(MIN_QUERY_CHUNK, SCORE_BUDGET // (batch * heads * max(1, num_ckpt))))
+    """Queries per chunk: at most :data:`MAX_QUERY_CHUNK`, and few enough that one chunk's ``[batch, heads, chunk,
+    num_ckpt]`` scores stay within :data:`SCORE_BUDGET` (never below :data:`MIN_QUERY_CHUNK`)."""
+    return min(seq, MAX_QUERY_CHUNK, max(MIN_QUERY_CHUNK, SCORE_BUDGET // (batch * heads * max(1, num_ckpt))))
 
 
 @autocast_off
@@ -104,11 +109,13 @@ def _dense(q, k, v, k_ckpt, v_ckpt, segment_len: int, scale: float, chunk: int |
     chunk = chunk or query_chunk(batch, heads, seq, k_ckpt.shape[1])
     starts = list(range(0, seq, chunk))
     recompute = len(starts) > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_ckpt, v_ckpt))
+    # split(), not a slice per chunk: a slice's backward writes its gradient into a zero tensor of the whole input,
+    # one per chunk (that zero-filling took a third of the backward at 4K tokens); split's backward is one cat.
     pieces = []
-    for i0 in starts:
-        i1 = min(seq, i0 + chunk)
+    for i0, qc, kc, vc in zip(starts, q.split(chunk, dim=1), k.split(chunk, dim=1), v.split(chunk, dim=1)):
+        i1 = i0 + qc.shape[1]
         n = min(k_ckpt.shape[1], (i1 - 1) // segment_len)  # checkpoints the chunk's last query sees
-        args = (q[:, i0:i1], k[:, i0:i1], v[:, i0:i1], k_ckpt[:, :n], v_ckpt[:, :n])
+        args = (qc, kc, vc, k_ckpt[:, :n], v_ckpt[:, :n])
         kwargs = dict(segment_len=segment_len, start=i0, scale=scale)
         if recompute:
             pieces.append(checkpoint(checkpoint_attention_block, *args, use_reentrant=False, **kwargs))
