@@ -33,14 +33,22 @@ from seqzoo.ops.core import ChunkLayout, dot_precision, fail, kernel_input
 from seqzoo.ops.core.triton_host import acc_dtype, chunk_coords, load_cols, load_rows, load_token, store_rows, tl_dtype
 from seqzoo.ops.utils import default_scale
 
-BM = 64  # queries per block
-BN = 64  # checkpoints per block
-MAX_HEAD_DIM = 256  # one tile holds a whole head: q, k (and the accumulator) stay in registers
+MAX_HEAD_DIM = 256  # one tile holds a whole head: q, k (and the accumulator) stay on chip
 
 
 def _width(dim: int) -> int:
     """Tile width of a head dimension: the next power of two, at least 16 (every ``tl.dot`` dimension must be)."""
     return max(16, triton.next_power_of_2(dim))
+
+
+def _blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
+    """``(BM, BN)``, queries and checkpoints per block, from the head widths: the backward's checkpoint kernel holds
+    four ``[BN, head]`` fp32 tiles plus two ``[head, BM]`` query/gradient tiles, so wider heads take smaller blocks
+    (64 × 64 at head 64, as flash attention; nothing here has been tuned on a GPU yet)."""
+    width = max(_width(key_dim), _width(value_dim))
+    if width <= 64:
+        return 64, 64
+    return (64, 32) if width <= 128 else (32, 32)
 
 
 @triton.jit
@@ -294,6 +302,7 @@ def _ckpt_fwd(
     """``(o [B, T, H, V] in v's dtype, lse [B, T, H] in the accumulator dtype)``. ``ckpt_indices`` is the
     backward's (passed here so the autograd formula receives it)."""
     B, T, H, HKV, K, V, M = _sizes(q, k, v, kc)
+    BM, BN = _blocks(K, V)
     o = q.new_empty(B, T, H, V, dtype=v.dtype)
     lse = q.new_empty(B, T, H, dtype=acc_dtype(q.dtype))
     varlen = cu_seqlens is not None
@@ -332,6 +341,7 @@ def _ckpt_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dk_ckpt, dv_ckpt)`` in the accumulator dtype, shaped like their inputs."""
     B, T, H, HKV, K, V, M = _sizes(q, k, v, kc)
+    BM, BN = _blocks(K, V)
     acc = acc_dtype(q.dtype)
     group = H // HKV
     delta = (do.to(acc) * o.to(acc)).sum(-1).contiguous()  # [B, T, H]
@@ -390,9 +400,13 @@ _ckpt_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def _packing(cu_seqlens: Tensor, seq: int, segment_len: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _packing(
+    cu_seqlens: Tensor, seq: int, segment_len: int, device: torch.device, blocks: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Host-built index tensors of a packed call: ``cu_seqlens`` (int64), checkpoint offsets ``[N + 1]`` (int64),
-    query blocks ``[NT, 2]`` and checkpoint blocks ``[NC, 2]`` (int32: sequence, block within it)."""
+    query blocks ``[NT, 2]`` and checkpoint blocks ``[NC, 2]`` (int32: sequence, block within it) for the call's
+    ``(BM, BN)`` (:func:`_blocks`)."""
+    BM, BN = blocks
     layout = ChunkLayout.build(1, seq, BM, cu_seqlens, device, op="checkpoint_attention")
     ckpt = checkpoint_offsets(layout.offsets, segment_len)
     blocks = [(i, b) for i in range(len(ckpt) - 1) for b in range(-(-(ckpt[i + 1] - ckpt[i]) // BN))]
@@ -422,6 +436,7 @@ def checkpoint_attention_triton(
     precision = dot_precision(in_dtype)
     scale = default_scale(scale, q.shape[-1])
     q, k, v, k_ckpt, v_ckpt = (kernel_input(t) for t in (q, k, v, k_ckpt, v_ckpt))
-    packing = (None,) * 4 if cu_seqlens is None else _packing(cu_seqlens, q.shape[1], segment_len, q.device)
+    blocks = _blocks(q.shape[-1], v.shape[-1])
+    packing = (None,) * 4 if cu_seqlens is None else _packing(cu_seqlens, q.shape[1], segment_len, q.device, blocks)
     o, _ = _ckpt_fwd(q, k, v, k_ckpt, v_ckpt, *packing, segment_len, scale, precision)
     return o.to(in_dtype), None

@@ -124,6 +124,7 @@ def test_weights_are_exactly_zero_off_the_checkpoints_and_each_row_sums_to_one(b
         (1, 9, 2, 1, 8, 8, 10),  # shorter than a segment
         (2, 70, 2, 2, 20, 8, 64),  # one checkpoint, a head dim that is not a power of two
         (1, 130, 2, 1, 16, 16, 3),  # query blocks and checkpoint blocks both span several tiles
+        (1, 100, 1, 1, 72, 40, 2),  # a head wider than 64: smaller Triton blocks (64 queries, 32 checkpoints)
     ],
     ids=lambda s: "x".join(map(str, s)),
 )
@@ -226,7 +227,7 @@ def test_opcheck_triton_ops(packed):
     offsets = torch.tensor([0, 7, 40]) if packed else None
     count = checkpoint_offsets(offsets.tolist(), segment_len)[-1] if packed else seq // segment_len
     q, k, v, kc, vc = (t.float() for t in make_inputs(1, seq, 2, 1, 16, 16, segment_len, num_ckpt=count))
-    packing = ops._packing(offsets, seq, segment_len, q.device) if packed else (None,) * 4
+    packing = ops._packing(offsets, seq, segment_len, q.device, ops._blocks(16, 16)) if packed else (None,) * 4
     args = [t.requires_grad_() for t in (q, k, v, kc, vc)]
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(ops._ckpt_fwd, (*args, *packing, segment_len, 0.25, "ieee"), test_utils=checks)
