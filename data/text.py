@@ -79,6 +79,39 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
+END_OF_DOCUMENT = "<|endoftext|>"
+
+
+def hf_tokenizer(tokenizer: str | os.PathLike = "byte"):
+    """The tokenizer of text data (``data.tokenizer``) as a ``transformers`` fast tokenizer, to save beside a model.
+
+    ``"byte"``: :class:`ByteTokenizer` exactly: byte ``b`` is id ``b`` (a byte-level BPE without merges over
+    GPT-2's byte alphabet, so any text round-trips) and ``<|endoftext|>`` is id 256, the end-of-document and EOS
+    token. A path: that local ``tokenizer.json`` (or its folder), with the end-of-document token
+    :class:`HFTokenizer` picks as EOS. Adds no special tokens when encoding, as the training data does.
+    Returns a ``PreTrainedTokenizerFast``; ``AutoTokenizer.from_pretrained`` reloads what it saves.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if str(tokenizer) == "byte":
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        alphabet = bytes_to_unicode()  # byte -> the printable character byte-level BPE uses for it
+        backend = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+        # No regex split: the whole text is one word, so no byte is ever grouped or dropped.
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_DOCUMENT, model_max_length=10**9)
+        if fast.eos_token_id != ByteTokenizer.eos_id:
+            raise AssertionError(f"byte tokenizer: end of document is id {fast.eos_token_id}, expected {ByteTokenizer.eos_id}")
+        return fast
+    local = HFTokenizer(tokenizer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=local.tokenizer, model_max_length=10**9)
+    fast.eos_token = local.tokenizer.id_to_token(local.eos_id)
+    return fast
+
+
 def load_documents(
     source: str,
     path: str | Sequence[str] | None = None,

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kind",
         nargs="?",
         default="models",
-        choices=["models", "layers", "ops", "titans", "pararnn", "checkpoint_attention"],
+        choices=["models", "layers", "ops", "titans", "pararnn", "varlen", "loss", "generate", "checkpoint_attention"],
         help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop; "
         "checkpoint_attention: the op vs SDPA causal attention",
     )
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads", type=int, help="ops: heads (default 4); titans: memory heads (default 2); pararnn: projection heads (default 2)"
     )
     bench.add_argument("--head-dim", type=int, default=64, help="ops: key/value dim")
-    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--decode-tokens", type=int, default=16, help="models: decode steps; generate: new tokens (default 16)")
+    bench.add_argument("--vocabs", nargs="+", type=int, default=[32768, 131072], help="loss: vocabulary sizes")
+    bench.add_argument("--tokens", type=int, default=8192, help="loss: tokens per batch")
     bench.add_argument("--options", type=_json_dict, default={}, help='mixer options as JSON: {"attention": {"num_heads": 4}}')
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--repeats", type=int, default=3)
@@ -165,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="output folder (default: results/mqar-sweep)")
     sweep.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
+    export = sub.add_parser("export", help="a training checkpoint as a Hugging Face directory (config, safetensors, tokenizer)")
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir")
+
+    lm_eval = sub.add_parser("lm-eval", help="lm-evaluation-harness (its hf model) on an exported directory")
+    lm_eval.add_argument("model_dir", help="an HF directory from `seqzoo-eval export` or `convert-fla`")
+    lm_eval.add_argument(
+        "--tasks", nargs="+", default=["seqzoo_text", "seqzoo_choice"], help="lm-eval task names (default: the local tasks)"
+    )
+    lm_eval.add_argument("--include-path", nargs="+", default=[], help="more lm-eval task folders")
+    lm_eval.add_argument("--limit", type=int, help="examples per task (default: all)")
+    lm_eval.add_argument("--batch-size", type=int, default=1)
+    lm_eval.add_argument("--num-fewshot", type=int)
+
+    convert = sub.add_parser("convert-fla", help="an fla-hub checkpoint (config.json + safetensors) as a seqzoo HF directory")
+    convert.add_argument("source", help="the fla checkpoint directory")
+    convert.add_argument("out_dir")
+
     probe = sub.add_parser("probe", help="long-context probes: needle in a haystack, long MQAR, length extrapolation, decode cost")
     probes = probe.add_subparsers(dest="probe", required=True)
     niah = probes.add_parser("niah", help="S-NIAH (passkey, number, word) accuracy over depth x length, greedy decoding")
@@ -207,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
-    for p in (ppl, mqar, bench, niah, long_mqar, length, decode):
+    for p in (ppl, mqar, bench, niah, long_mqar, length, decode, lm_eval):
         p.add_argument("--out", help="output folder (default: results/<command>)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    for p in (ppl, mqar, bench, sweep, niah, long_mqar, length, decode):
+    for p in (ppl, mqar, bench, sweep, niah, long_mqar, length, decode, export, lm_eval, convert):
         p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's, one per core; fewer on a busy machine)")
     return parser
 
@@ -234,7 +254,7 @@ def _cuda() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``seqzoo-eval``; errors in the inputs print one line and return 1."""
     args = build_parser().parse_args(argv)
-    out = args.out or os.path.join("results", args.command)
+    out = getattr(args, "out", None) or os.path.join("results", args.command)
     if args.threads is not None:
         import torch
 
@@ -257,6 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if v is not None
             }
             perplexity(args.checkpoint, out, overrides, split=args.split, max_batches=args.max_batches, device=args.device)
+        elif args.command == "export":
+            from seqzoo.eval.hf_tools import export_checkpoint
+
+            export_checkpoint(args.checkpoint, args.out_dir)
+        elif args.command == "lm-eval":
+            from seqzoo.eval.hf_tools import lm_eval_report
+
+            lm_eval_report(args.model_dir, out, args.tasks, args.include_path, args.limit, args.batch_size, args.device, args.num_fewshot)
+        elif args.command == "convert-fla":
+            from seqzoo.models.fla import convert_fla
+
+            convert_fla(args.source, args.out_dir)
         elif args.command == "mqar":
             from seqzoo.eval.quality import mqar_accuracy
 
@@ -327,6 +359,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.device,
                     args.dtype,
                 )
+        elif args.kind == "varlen":
+            from seqzoo.eval.bench_varlen import bench_varlen
+
+            bench_varlen(
+                args.mixers, out, _default(args.seq_lens, [1024])[0], _default(args.batch, 4), _default(args.hidden, 128),
+                args.layers, max(args.vocab, 257), args.repeats,
+            )  # fmt: skip
+        elif args.kind == "loss":
+            from seqzoo.eval.bench_hf import bench_loss
+
+            bench_loss(out, args.vocabs, _default(args.hidden, 512), args.tokens, args.device, args.repeats)
+        elif args.kind == "generate":
+            from seqzoo.eval.bench_hf import bench_generate
+
+            bench_generate(
+                out, args.mixers, _default(args.seq_lens, [1024]), args.decode_tokens, _default(args.hidden, 128), args.layers,
+                args.vocab, _default(args.batch, 1), args.options, args.device, args.repeats,
+            )  # fmt: skip
         elif args.kind == "pararnn":
             from seqzoo.eval.bench_pararnn import bench_pararnn
 

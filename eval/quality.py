@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from seqzoo.data.mqar import MQARSegment, generate_mqar, mqar_misfit
 from seqzoo.data.text import ByteTokenizer, TextDataModule
 from seqzoo.eval.report import progress, write_report
+from seqzoo.models.losses import linear_nll
 from seqzoo.training.checkpoint import load_language_model
 
 
@@ -64,10 +64,11 @@ def perplexity(
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     for batch in progress(loader, f"ppl ({split} split)"):
         cu_seqlens = batch.get("cu_seqlens")
-        logits = model(batch["input_ids"].to(device), cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device)).float()
+        hidden = model.hidden_states(batch["input_ids"].to(device), cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device))
         labels = batch["labels"].reshape(-1, datamodule.block_size)
-        logits = logits.reshape(labels.shape[0], datamodule.block_size, -1)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none").double().cpu()
+        # Chunked through the head: no [tokens, vocab] fp32 logits for a large vocabulary.
+        nll = linear_nll(hidden.reshape(-1, hidden.shape[-1]), model.head.weight, labels.reshape(-1).to(device))
+        nll = nll.reshape(labels.shape).double().cpu()
         position_loss += nll.sum(0)
         total_nll += nll.sum().item()
         total_tokens += nll.numel()

@@ -55,4 +55,18 @@ __all__ = [
     "get_mixer_class",
     "mixer_names",
     "register_mixer",
+    "SeqzooConfig",
+    "SeqzooForCausalLM",
 ]
+
+# The Hugging Face wrappers import transformers (seconds): loaded on first use, which also registers them with
+# AutoConfig / AutoModelForCausalLM (seqzoo.models.hf).
+_HF_NAMES = ("SeqzooCache", "SeqzooConfig", "SeqzooForCausalLM")
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:
+        from seqzoo.models import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'seqzoo.models' has no attribute {name!r}")

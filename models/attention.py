@@ -179,7 +179,16 @@ class Attention(TokenMixer):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
         if call.packed and not cached:
-            # Training on packed documents: one block-diagonal causal (windowed) mask over the packed row.
+            # Training on packed documents. Either the documents as a right-padded batch with the plain causal
+            # (windowed) mask: padding sits after every real query, so it is never attended, and SDPA may take a
+            # fused kernel; or one block-diagonal mask over the whole row. The first costs num_docs·longest², the
+            # second seq²: take the cheaper.
+            lengths = call.lengths
+            if len(lengths) * max(lengths) ** 2 <= call.seq**2:
+                rows = [packed_to_padded(t, call.offsets) for t in (q, k, v)]
+                mask = None if self.window_size is None else causal_mask(max(lengths), 0, self.window_size, x.device)
+                o = persistent_attention(*rows, mask, self.persistent, is_causal=mask is None and max(lengths) > 1, dropout_p=dropout)
+                return padded_to_packed(o, call.offsets), k[:, :0], v[:, :0]
             doc = call.sequence_ids(x.device)
             mask = (doc[:, None] == doc[None, :]) & causal_mask(call.seq, 0, self.window_size, x.device)
             o = persistent_attention(q, k, v, mask, self.persistent, dropout_p=dropout)

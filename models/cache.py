@@ -102,7 +102,7 @@ class ScopedCache(LayerCache):
     :meth:`nbytes` counts them all. Rows and positions (``seen``) are the parent's.
     """
 
-    def __init__(self, parent: LayerCache, prefix: str) -> None:  # noqa: D107 - no LayerCache state of its own
+    def __init__(self, parent: LayerCache, prefix: str) -> None:  # no LayerCache state of its own: all is the parent's
         self.parent, self.prefix = parent, prefix
 
     @property

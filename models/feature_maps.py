@@ -69,12 +69,19 @@ class TaylorFeatureMap(FeatureMap):
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        rows, cols = torch.triu_indices(dim, dim)
+        for name, value in self._indices().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def _indices(self) -> dict[str, torch.Tensor]:
+        rows, cols = torch.triu_indices(self.dim, self.dim)
         # √2 on the off-diagonal: Σ_{i<j} 2 q_i q_j k_i k_j + Σ_i q_i² k_i² = (q·k)².
-        weight = torch.where(rows == cols, 1.0, math.sqrt(2.0)) / math.sqrt(2.0 * dim)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-        self.register_buffer("quad_weight", weight, persistent=False)
+        weight = torch.where(rows == cols, 1.0, math.sqrt(2.0)) / math.sqrt(2.0 * self.dim)
+        return {"rows": rows, "cols": cols, "quad_weight": weight}
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent index buffers (a model built on the meta device, as HF's loader does, has none)."""
+        for name, value in self._indices().items():
+            setattr(self, name, value.to(getattr(self, name).device))
 
     def feature_size(self) -> int:
         return 1 + self.dim + self.dim * (self.dim + 1) // 2

@@ -16,6 +16,7 @@ from torch import nn
 from seqzoo.configs import ConfigError
 from seqzoo.models.base import TokenMixer
 from seqzoo.models.cache import ModelCache
+from seqzoo.models.losses import CHUNK_ELEMENTS, linear_cross_entropy
 from seqzoo.models.modules import RMSNorm, SwiGLU
 from seqzoo.models.registry import build_mixer, get_mixer_class
 from seqzoo.ops.core import checks_enabled
@@ -183,12 +184,18 @@ class LanguageModel(nn.Module):
         """Cross-entropy over positions whose label is not -100 (documents packed at ``cu_seqlens``, if given).
 
         Returns ``(loss, correct, count)``: mean loss, number of argmax hits and number of labelled positions.
+        When the labelled positions' fp32 logits would exceed :data:`seqzoo.models.losses.CHUNK_ELEMENTS` (a 32K–128K
+        vocabulary), the head and the loss run chunk by chunk (:func:`~seqzoo.models.losses.linear_cross_entropy`):
+        the same loss and gradients without ``[tokens, vocab]`` logits.
         """
         hidden = self.hidden_states(input_ids, cu_seqlens=cu_seqlens)
         valid = labels != -100
         # The head runs only where there is a label: MQAR labels a few positions per sequence.
-        logits = self.head(hidden[valid]).float()
-        targets = labels[valid]
+        hidden, targets = hidden[valid], labels[valid]
+        if targets.numel() and targets.numel() * self.config.vocab_size > CHUNK_ELEMENTS:
+            loss, correct = linear_cross_entropy(hidden, self.head.weight, targets)
+            return loss, correct, valid.sum()
+        logits = self.head(hidden).float()
         loss = F.cross_entropy(logits, targets) if targets.numel() else logits.sum() * 0.0
         correct = (logits.argmax(-1) == targets).sum()
         return loss, correct, valid.sum()

@@ -42,7 +42,7 @@ class GatedRMSNorm(RMSNorm):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if torch.is_grad_enabled():
+        if recompute_pays(x):
             # Recomputed in backward: autograd keeps x and gate, not the upcast, normalised and gated copies.
             return checkpoint(self._normalise_and_gate, x, gate, use_reentrant=False)
         return self._normalise_and_gate(x, gate)
@@ -116,7 +116,14 @@ class ShortConvolution(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(batch, keep, channels)
         conv_state = conv_state.to(x.dtype)
-        if torch.is_grad_enabled():
+        if seq == 1 and not torch.is_grad_enabled():
+            # A decode step: the taps as one product-and-sum over the kernel window, and the window shifted by one.
+            window = torch.cat([conv_state, x], dim=1)  # [batch, kernel_size, channels]
+            y = (window * self.conv.weight[:, 0].to(x.dtype).T).sum(1, keepdim=True)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias.to(x.dtype)
+            return self.activation(y), (window[:, 1:].clone() if output_state else None)
+        if recompute_pays(x):
             # Recomputed in backward: autograd keeps x instead of the padded input and the pre-activation
             # output (one activation-sized tensor less per conv; the recompute is a depthwise conv).
             y = checkpoint(self._convolve, conv_state, x, use_reentrant=False)
@@ -204,8 +211,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> torch.Tensor:
+        return (1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)).float()
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent frequencies (a model built on the meta device, as HF's loader does, has none)."""
+        self.inv_freq = self._frequencies().to(self.inv_freq.device)
 
     def forward(self, x: torch.Tensor, positions: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate ``x: [batch, seq, heads, head_dim]`` for the positions of its tokens.
@@ -222,6 +236,17 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# Recomputing an activation in backward saves its memory at the price of running it twice. Below this many
+# elements (4 MiB in fp32) the memory saved is negligible and the recompute's own overhead (hooks, a second
+# pass of several small ops) costs more than it saves: at 128 tokens it was a visible share of a step.
+RECOMPUTE_MIN_NUMEL = 1 << 20
+
+
+def recompute_pays(x: torch.Tensor) -> bool:
+    """Whether to recompute an activation of ``x``'s size in backward instead of keeping it (autograd on, large)."""
+    return torch.is_grad_enabled() and x.numel() >= RECOMPUTE_MIN_NUMEL
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,10 @@ class MultiScaleRetention(LinearMixer):
         self.register_buffer("log_decay", retention_decays(num_heads).log().float(), persistent=False)
         self.set_state_shape(num_heads, self.head_k_dim, self.head_v_dim)
 
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent decays (a model built on the meta device, as HF's loader does, has none)."""
+        self.log_decay = retention_decays(self.num_heads).log().float().to(self.log_decay.device)
+
     def mix(self, x: torch.Tensor, cache: LayerCache | None, call: Call) -> torch.Tensor:
         positions = call.positions(x.device)
         q = split_heads(self.q_proj(x), self.head_k_dim)

@@ -38,9 +38,9 @@ from torch.utils.checkpoint import checkpoint
 
 from seqzoo.configs import ConfigError
 from seqzoo.models.attention import Attention, causal_mask, persistent_attention
-from seqzoo.models.base import Call, TokenMixer, head_dim_for
+from seqzoo.models.base import Call, StateShapes, TokenMixer, head_dim_for
 from seqzoo.models.cache import LayerCache
-from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, upcast
+from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, recompute_pays, upcast
 from seqzoo.models.registry import register_mixer
 from seqzoo.ops import LinearMemoryState, MLPMemoryState, l2norm, neural_memory
 from seqzoo.ops.core import OpInputError, check_backend
@@ -149,22 +149,21 @@ def _memory_keywords(init: Callable[..., None]) -> Callable[..., None]:
 class MemoryStreamState:
     """What a memory branch carries from one call to the next (``None``: nothing seen yet).
 
-    The op counts chunks from the start of each call, so the branch keeps the memory as of the last
-    chunk boundary and the projected inputs of the tokens after it, and recomputes that partial chunk
-    from the boundary on the next call.
+    Every token of a chunk takes its gradient at the weights of the chunk's start, so a call that begins in
+    the middle of a chunk needs those weights besides the current ones: the op continues from ``memory``
+    with ``chunk_start`` as the gradient base (its ``phase``/``chunk_start`` arguments). A decode step is then
+    one token-sized update of a fixed-size state, whatever the context length.
 
     Attributes:
         conv: tails of the q, k, v short convs, each ``[batch, conv_size − 1, heads·head_dim]``
             (stays ``None`` without convs).
-        memory: memory weights and momenta at the last chunk boundary; ``None``: the learned init.
-        pending_qkv: ``[batch, p, heads, 3·head_dim]`` q, k, v of the ``p < chunk_size`` tokens since.
-        pending_gates: ``[batch, p, heads, n_gates]`` their gates (fp32).
+        memory: memory weights and momenta after the last token; ``None``: the learned init.
+        chunk_start: the state at the start of the chunk in progress (equal to ``memory`` on a boundary).
     """
 
     conv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     memory: MemoryState | None = None
-    pending_qkv: torch.Tensor | None = None
-    pending_gates: torch.Tensor | None = None
+    chunk_start: MemoryState | None = None
 
 
 @dataclass
@@ -221,8 +220,7 @@ def _load(cache: LayerCache | None, branch: _MemoryBranch) -> TitansState:
         stream=MemoryStreamState(
             conv=None if conv[0] is None else conv,
             memory=_unpack(get("recurrent"), branch),
-            pending_qkv=get("pending_qkv"),
-            pending_gates=get("pending_gates"),
+            chunk_start=_unpack(get("recurrent_chunk_start"), branch),
         ),
         kv=KVState(get("key"), get("value")),
         segment=SegmentState(
@@ -243,8 +241,7 @@ def _save(cache: LayerCache | None, state: TitansState) -> None:
     tensors = {
         **dict(zip(_CONV_NAMES, stream.conv or ())),
         "recurrent": _pack(stream.memory),
-        "pending_qkv": stream.pending_qkv,
-        "pending_gates": stream.pending_gates,
+        "recurrent_chunk_start": _pack(stream.chunk_start),
         "key": state.kv.key,
         "value": state.kv.value,
         "recurrent_segment": _pack(segment.memory),
@@ -344,16 +341,16 @@ class _MemoryBranch(nn.Module):
         """Floats per (sequence, head) in one memory state (weights + momenta)."""
         return 2 * sum(a * b for a, b in self._shapes())
 
-    def state_size(self, batch: int, pending: int, recurrent_copies: int = 1) -> int:
-        """Bytes of this branch's cache entries with ``pending`` tokens after the last chunk boundary."""
-        elt = self.q_proj.weight.element_size()
-        state_elt = 8 if self.q_proj.weight.dtype == torch.float64 else 4
-        width = self.num_heads * self.head_dim
-        total = recurrent_copies * batch * self.num_heads * self.state_numel() * state_elt
+    def state_shapes(self) -> StateShapes:
+        """This branch's cache entries per row: the q/k/v conv tails, the memory after the last token and at the
+        start of the chunk in progress (each weights + momenta, packed ``[heads, n]``, fp32 or fp64)."""
+        dtype = self.q_proj.weight.dtype
+        memory = ((self.num_heads, self.state_numel()), torch.float64 if dtype == torch.float64 else torch.float32)
+        shapes: StateShapes = {"recurrent": memory, "recurrent_chunk_start": memory}
         if self.conv_size is not None:
-            total += 3 * batch * (self.conv_size - 1) * width * elt
-        total += batch * pending * (3 * width * elt + self.num_heads * self.n_gates * max(elt, 4))
-        return total
+            for name in _CONV_NAMES:
+                shapes[name] = ((self.conv_size - 1, self.num_heads * self.head_dim), dtype)
+        return shapes
 
     # --- compute -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, stream: MemoryStreamState, call: Call | None = None) -> torch.Tensor:
@@ -363,7 +360,8 @@ class _MemoryBranch(nn.Module):
         memory from the learned init, its convs and chunks starting at its first token.
         """
         offsets = None if call is None else call.offsets
-        return self.run(*self.features(x, stream, offsets), stream, None if call is None else call.cu_seqlens)
+        phase = 0 if call is None or call.packed else call.start[0] % self.chunk_size
+        return self.run(*self.features(x, stream, offsets), stream, None if call is None else call.cu_seqlens, phase)
 
     def features(
         self, x: torch.Tensor, stream: MemoryStreamState, offsets: tuple[int, ...] | None = None
@@ -375,7 +373,7 @@ class _MemoryBranch(nn.Module):
         less per layer, for about 10-15% more fwd+bwd time on CPU).
         """
         tails = () if self.conv_size is None else stream.conv or (None, None, None)
-        if torch.is_grad_enabled():
+        if recompute_pays(x):
             qkv, gates, *new_tails = checkpoint(self._features, x, offsets, *tails, use_reentrant=False)
         else:
             qkv, gates, *new_tails = self._features(x, offsets, *tails)
@@ -409,6 +407,8 @@ class _MemoryBranch(nn.Module):
         final: bool,
         read_only: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        phase: int = 0,
+        chunk_start: MemoryState | None = None,
     ) -> tuple[torch.Tensor, MemoryState | None]:
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if read_only:
@@ -426,7 +426,8 @@ class _MemoryBranch(nn.Module):
         return neural_memory(
             q, k, v, lr, momentum, decay,
             chunk_size=self.chunk_size, memory=self.memory, initial_state=initial_state,
-            output_final_state=final, retrieval=self.retrieval, backend=self.options.backend, cu_seqlens=cu_seqlens, **kwargs,
+            output_final_state=final, retrieval=self.retrieval, backend=self.options.backend, cu_seqlens=cu_seqlens,
+            phase=phase, chunk_start=chunk_start if phase else None, **kwargs,
         )  # fmt: skip
 
     def read(self, q: torch.Tensor, memory_state: MemoryState) -> torch.Tensor:
@@ -436,36 +437,39 @@ class _MemoryBranch(nn.Module):
         return self._op(qkv, gates, memory_state, final=False, read_only=True)[0]
 
     def run(
-        self, qkv: torch.Tensor, gates: torch.Tensor, stream: MemoryStreamState, cu_seqlens: torch.Tensor | None = None
+        self,
+        qkv: torch.Tensor,
+        gates: torch.Tensor,
+        stream: MemoryStreamState,
+        cu_seqlens: torch.Tensor | None = None,
+        phase: int = 0,
     ) -> torch.Tensor:
         """Write and read the memory for new tokens (:meth:`features`); returns ``[batch, seq, heads, head_dim]``.
 
-        Continues from ``stream`` (chunk-boundary memory + pending tokens) and updates it; with ``cu_seqlens``
-        (packed documents, no cache) each document runs from the learned init.
+        Continues from ``stream`` and updates it; ``phase`` is the tokens of the current chunk written before
+        this call (``seen % chunk_size``). With ``cu_seqlens`` (packed documents, no cache) each document runs
+        from the learned init.
         """
         batch, seq = qkv.shape[:2]
+        dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
         if cu_seqlens is not None:
-            dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
             initial = self.state_or_init(None, cu_seqlens.numel() - 1, dtype)
             return self._op(qkv, gates, initial, final=False, cu_seqlens=cu_seqlens)[0]
-        pending_qkv, pending_gates = stream.pending_qkv, stream.pending_gates
-        past = 0 if pending_qkv is None else pending_qkv.shape[1]
-        if past:
-            qkv = torch.cat([pending_qkv.to(qkv.dtype), qkv], dim=1)
-            gates = torch.cat([pending_gates.to(gates.dtype), gates], dim=1)
-        dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        memory_state = self.state_or_init(stream.memory, batch, dtype)
-        total = past + seq
-        full = total - total % self.chunk_size
+        memory = self.state_or_init(stream.memory, batch, dtype)
+        start = memory if phase == 0 or stream.chunk_start is None else stream.chunk_start
+        # Split at the last chunk boundary this call reaches: the state there is the next chunk_start.
+        to_boundary = (phase + seq) - (phase + seq) % self.chunk_size - phase
         outs = []
-        if full:
-            o, memory_state = self._op(qkv[:, :full], gates[:, :full], memory_state, final=True)
+        if to_boundary > 0:
+            o, memory = self._op(qkv[:, :to_boundary], gates[:, :to_boundary], memory, final=True, phase=phase, chunk_start=start)
             outs.append(o)
-        if total > full:
-            outs.append(self._op(qkv[:, full:], gates[:, full:], memory_state, final=False)[0])
-        stream.memory, stream.pending_qkv, stream.pending_gates = memory_state, qkv[:, full:], gates[:, full:]
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return o[:, past:]
+            start, phase = memory, 0
+        if seq > to_boundary:
+            rest = slice(max(to_boundary, 0), seq)
+            o, memory = self._op(qkv[:, rest], gates[:, rest], memory, final=True, phase=phase, chunk_start=start)
+            outs.append(o)
+        stream.memory, stream.chunk_start = memory, start
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _xavier(heads: int, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -479,11 +483,6 @@ def _attention(layer: str, hidden_size: int, layer_idx: int, **options) -> Atten
         return Attention(hidden_size, layer_idx, **options)
     except ConfigError as error:
         raise ConfigError(f"{layer}: {error}") from None
-
-
-def _pending(seq_len: int | None, chunk_size: int) -> int:
-    """Tokens after the last chunk boundary: after ``seq_len`` tokens, or at most (``None``)."""
-    return chunk_size - 1 if seq_len is None else seq_len % chunk_size
 
 
 _MEMORY_DOC = """
@@ -525,11 +524,12 @@ class TitansLMM(TokenMixer):
         + """
 
     Cache: ``recurrent`` (fp32 memory weights + momenta at the last chunk boundary, ``[batch, heads, n]``),
-    ``pending_qkv``/``pending_gates`` (the ``seen_tokens % chunk_size`` tokens since), ``conv_q/k/v``.
+    ``recurrent_chunk_start`` (the same at the start of the chunk in progress, the gradient base of its
+    remaining tokens), ``conv_q/k/v``. Fixed in size: a decode step updates it in place of re-running a chunk.
     """
     )
 
-    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    # The memory's chunk phase (and MAC's segment) differ between rows at different positions: run them one by one.
     ragged_rows = False
 
     @_memory_keywords
@@ -561,9 +561,9 @@ class TitansLMM(TokenMixer):
         gate = rearrange(self.g_proj(x), "b t (h d) -> b t h d", d=self.head_dim)
         return self.o_proj(rearrange(self.out_norm(o.to(x.dtype), gate), "b t h d -> b t (h d)"))
 
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the cache after ``seq_len`` tokens (``None``: the most it ever holds, ``chunk_size − 1`` pending)."""
-        return self.memory.state_size(batch, _pending(seq_len, self.memory.chunk_size))
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The memory branch's state: fixed in size, whatever ``seq_len``."""
+        return self.memory.state_shapes()
 
 
 class _GatedCombine(nn.Module):
@@ -605,12 +605,12 @@ class TitansMAG(TokenMixer):
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention branch; ``None`` disables it.
 
-    Cache: the memory branch's (``recurrent``, ``pending_*``, ``conv_*``) + ``key``/``value`` (last
+    Cache: the memory branch's (``recurrent``, ``recurrent_chunk_start``, ``conv_*``) + ``key``/``value`` (last
     ``window_size − 1`` tokens).
     """
     )
 
-    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    # The memory's chunk phase (and MAC's segment) differ between rows at different positions: run them one by one.
     ragged_rows = False
 
     @_memory_keywords
@@ -648,9 +648,9 @@ class TitansMAG(TokenMixer):
         _save(cache, state)
         return o
 
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the cache after ``seq_len`` tokens (``None``: the most it holds; needs a window)."""
-        return self.memory.state_size(batch, _pending(seq_len, self.memory.chunk_size)) + self.attn.state_size(batch, seq_len)
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The memory branch's state and the attention window (``None``: the most it holds; needs a window)."""
+        return {**self.memory.state_shapes(), **self.attn.state_shapes(seq_len)}
 
 
 @register_mixer("titans_mal")
@@ -674,11 +674,11 @@ class TitansMAL(TokenMixer):
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention; ``None`` disables it.
 
-    Cache: the memory's (``recurrent``, ``pending_*``, ``conv_*``) + ``key``/``value`` (last ``window_size − 1``).
+    Cache: the memory's (``recurrent``, ``recurrent_chunk_start``, ``conv_*``) + ``key``/``value`` (last ``window_size − 1``).
     """
     )
 
-    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    # The memory's chunk phase (and MAC's segment) differ between rows at different positions: run them one by one.
     ragged_rows = False
 
     @_memory_keywords
@@ -715,9 +715,9 @@ class TitansMAL(TokenMixer):
         _save(cache, state)
         return m + self.attn.o_proj(y)
 
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the cache after ``seq_len`` tokens (``None``: the most it holds; needs a window)."""
-        return self.lmm.state_size(batch, seq_len) + self.attn.state_size(batch, seq_len)
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The memory sub-layer's state and the attention window (``None``: the most it holds; needs a window)."""
+        return {**self.lmm.state_shapes(seq_len), **self.attn.state_shapes(seq_len)}
 
 
 @register_mixer("titans_mac")
@@ -756,13 +756,13 @@ class TitansMAC(TokenMixer):
         num_persistent: learned persistent K/V slots per head. Default: 4.
         rope_theta: RoPE base of the attention (memory tokens take their token's position); ``None`` disables it.
 
-    Cache: the memory branch's (``recurrent``, ``pending_*``, ``conv_q/k/v`` over ``a``) + ``recurrent_segment``
+    Cache: the memory branch's (``recurrent``, ``recurrent_chunk_start``, ``conv_q/k/v`` over ``a``) + ``recurrent_segment``
     (memory at the current segment's start) + ``conv_hq`` + ``key``/``value``/``mem_key``/``mem_value``
     (the current segment's tokens and memory tokens, ``seen_tokens % segment_size`` each).
     """
     )
 
-    # The memory's pending tokens (and MAC's segment) have a per-row length: rows at different positions run one by one.
+    # The memory's chunk phase (and MAC's segment) differ between rows at different positions: run them one by one.
     ragged_rows = False
 
     @_memory_keywords
@@ -848,7 +848,7 @@ class TitansMAC(TokenMixer):
             context_k, context_v = torch.cat([hk, kk], 1), torch.cat([hv, vv], 1)
             a = persistent_attention(q[:, piece], context_k, context_v, torch.cat([causal, causal], 1), self.persistent)
             # 3. write the attention outputs into the memory; read each after its own update.
-            m = self.memory(a, state.stream)
+            m = self.memory.run(*self.memory.features(a, state.stream), state.stream, phase=pos % self.memory.chunk_size)
             outs.append(self.combine(a, rearrange(m, "b t h d -> b t (h d)").to(a.dtype)))
             if (pos + n) % self.segment_size == 0:
                 # The segment is complete: its end is a chunk boundary, the next segment reads this memory.
@@ -859,11 +859,16 @@ class TitansMAC(TokenMixer):
         _save(cache, state)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def state_size(self, batch: int = 1, seq_len: int | None = None) -> int:
-        """Bytes of the cache after ``seq_len`` tokens (``None``: the most it ever holds)."""
+    def state_shapes(self, seq_len: int | None = None) -> StateShapes:
+        """The memory branch's state, the memory at the segment's start, the memory-query conv tail and the
+        current segment's token and memory-token keys and values (``seq_len % segment_size`` each; ``None``:
+        the most it ever holds)."""
         in_segment = self.segment_size - 1 if seq_len is None else seq_len % self.segment_size
-        elt = self.qkv.weight.element_size()
-        total = self.memory.state_size(batch, _pending(seq_len, self.memory.chunk_size), recurrent_copies=2)
+        dtype = self.qkv.weight.dtype
+        shapes = self.memory.state_shapes()
+        shapes["recurrent_segment"] = shapes["recurrent"]
         if self.h_conv is not None:
-            total += batch * (self.h_conv.kernel_size - 1) * self.num_heads * self.head_dim * elt
-        return total + 4 * batch * in_segment * self.num_heads * self.head_dim * elt
+            shapes["conv_hq"] = ((self.h_conv.kernel_size - 1, self.num_heads * self.head_dim), dtype)
+        for name in ("key", "value", "mem_key", "mem_value"):
+            shapes[name] = ((in_segment, self.num_heads, self.head_dim), dtype)
+        return shapes

@@ -330,3 +330,17 @@ def test_bench_checkpoint_attention_puts_each_segment_length_beside_sdpa(tmp_pat
     assert (tmp_path / "bench_checkpoint_attention.png").is_file()
     assert main(["bench", "checkpoint_attention", "--backends", "fused", "--out", str(tmp_path)]) == 1
     assert "unknown backend(s) fused" in capsys.readouterr().err
+
+
+def test_bench_varlen_reports_throughput_per_layout_and_no_leak_with_cu_seqlens(tmp_path, capsys):
+    import json as _json
+
+    assert main(["bench", "varlen", "--mixers", "attention", "gated_deltanet", "--seq-lens", "64", "--batch", "2",
+                 "--hidden", "16", "--repeats", "1", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = _json.loads((tmp_path / "bench_varlen.json").read_text())["rows"]
+    assert [r["mixer"] for r in rows] == ["attention", "gated_deltanet"]
+    for row in rows:
+        # Replacing the document before a boundary changes nothing after it with cu_seqlens, something without.
+        assert row["leak_varlen"] == 0.0 and row["leak_packed"] > 0
+        assert row["varlen_vs_packed"] == row["varlen_useful_tok_s"] / row["packed_useful_tok_s"]
+    assert (tmp_path / "bench_varlen.md").is_file() and (tmp_path / "bench_varlen.png").stat().st_size > 0

@@ -117,12 +117,18 @@ def tiny_eval_flags(argv: list[str]) -> list[str]:
         "bench titans": ["--dims", "8", "--chunks", "4", "--seq-lens", "8", "--heads", "2", "--repeats", "1"],
         "bench pararnn": ["--seq-lens", "8", "--batch", "1", "--hidden", "8", "--repeats", "1", "--cells", "gru"],
         "bench checkpoint_attention": ["--seq-lens", "32", "--segment-lens", "4", "--heads", "2", "--head-dim", "8", "--repeats", "1"],
+        "bench varlen": ["--seq-lens", "64", "--batch", "2", "--hidden", "16", "--repeats", "1"],
         "mqar-sweep": ["--steps", "2", "--lr", "1e-2", "--train-examples-scale", "0.0002", "--test-examples", "8", "--batch-size", "8"]
         + ["--max-seq-len", "64"],
         "probe niah": ["--samples", "1", "--depths", "0.5"],
         "probe mqar": ["--num-examples", "4"],
         "probe length": ["--num-sequences", "1"],
         "probe decode": ["--contexts", "16", "32", "--decode-tokens", "2"],
+        "bench loss": ["--vocabs", "512", "--tokens", "64", "--hidden", "16", "--repeats", "1"],
+        "bench generate": ["--seq-lens", "16", "--decode-tokens", "2", "--hidden", "16", "--repeats", "1"],
+        "export": [],
+        "lm-eval": ["--limit", "2"],
+        "convert-fla": [],
     }
     if command not in flags:
         raise AssertionError(f"the README test does not know how to shrink `seqzoo-eval {command}`")
@@ -150,6 +156,11 @@ def user_files(folder: Path) -> None:
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
     (folder / "path" / "to").mkdir(parents=True)
     tokenizer.save(str(folder / "path" / "to" / "tokenizer.json"))
+    # An fla-hub checkpoint in fla's layout (a GLA model), for `seqzoo-eval convert-fla path/to/fla-checkpoint …`.
+    from tests.test_fla_convert import CASES, seqzoo_model, write_fla_checkpoint
+
+    fla_options, mixer, options = CASES["gla"]
+    write_fla_checkpoint(folder / "path" / "to" / "fla-checkpoint", "gla", fla_options, seqzoo_model(mixer, options, "gla"))
 
 
 def run_train(argv: list[str], workdir: Path, count: int) -> int:
@@ -265,6 +276,10 @@ def test_readme_eval_commands_write_the_files_the_readme_names(readme_run):
     for command in readme_run.commands:
         if command.argv[0] != "seqzoo-eval" or command.returncode != 0:
             continue
+        if command.argv[1] in WRITES_OUT_DIR:  # an HF directory at its OUT_DIR argument, nothing under results/
+            assert (readme_run.workdir / command.argv[3] / "config.json").is_file() and not command.written, command.line
+            seen.add(command.argv[1])
+            continue
         key = eval_key(command.argv[1:])
         assert key in table, f"the README's output table has no row for `seqzoo-eval {key}`"
         folder, names = table[key]
@@ -276,6 +291,11 @@ def test_readme_eval_commands_write_the_files_the_readme_names(readme_run):
         assert written == expected, f"seqzoo-eval {key}: wrote {sorted(written)}, the README says {sorted(expected)}"
         seen.add(key)
     assert {"mqar", "ppl", "bench ops", "bench pararnn", "probe niah", "probe mqar", "probe length", "probe decode"} <= seen
+    assert {"export", "convert-fla", "lm-eval", "bench loss", "bench generate"} <= seen
+
+
+# seqzoo-eval commands that write an HF model directory at their second argument instead of results/.
+WRITES_OUT_DIR = {"export", "convert-fla"}
 
 
 def test_the_readme_python_block_runs(tmp_path, monkeypatch):

@@ -174,17 +174,18 @@ def test_learned_initial_memory_is_used_and_not_zero():
     assert not torch.allclose(layer(x), before)
 
 
-def test_state_size_counts_pending_tokens_and_max():
+def test_state_size_is_fixed_for_the_memory_and_grows_inside_mac_segments():
     layer = make("mac_linear")  # chunk 2, segment 4
     sizes = [layer.state_size(batch=3, seq_len=n) for n in range(1, 9)]
-    # Pending memory tokens and segment KV grow inside a segment and drop at its end.
+    # MAC's segment KV grows inside a segment and drops at its end; the memory's state does not change size.
     assert sizes[3] < sizes[2] and sizes[7] == sizes[3] and sizes[4] > sizes[3]
     assert layer.state_size(batch=3) == max(sizes)
     lmm = make("lmm_linear")
     cache = lmm.init_cache(3)
-    lmm(torch.randn(3, 8, HIDDEN), cache=cache)  # two full chunks: no pending tokens left
-    assert cache.get("pending_qkv").shape[1] == 0
-    assert cache.nbytes() == lmm.state_size(batch=3, seq_len=8) < lmm.state_size(batch=3)
+    for n in (1, 3, 8, 9):  # mid-chunk and on a boundary alike: the memory now, and at its chunk's start
+        lmm(torch.randn(3, 1 if n == 1 else n - cache.seen[0], HIDDEN), cache=cache)
+        assert cache.nbytes() == lmm.state_size(batch=3, seq_len=n) == lmm.state_size(batch=3)
+    assert sorted(n for n in cache.tensors if "recurrent" in n) == ["recurrent", "recurrent_chunk_start"]
     assert cache.get("recurrent").dtype == torch.float32
     with pytest.raises(ValueError, match="seq_len"):
         build_mixer("titans_mag", HIDDEN, 0, {"window_size": None}).state_size()
@@ -199,7 +200,7 @@ def test_typed_state_round_trips_through_the_cache(case):
     branch = layer.lmm.memory if case.startswith("mal") else layer.memory
     state = titans_module._load(cache, branch)
     memory_type = MLPMemoryState if "mlp" in case else LinearMemoryState
-    assert isinstance(state.stream.memory, memory_type) and state.stream.pending_qkv.shape[1] == 7 % branch.chunk_size
+    assert isinstance(state.stream.memory, memory_type) and isinstance(state.stream.chunk_start, memory_type)
     assert (state.stream.conv is None) == (case == "lmm_plain")
     assert (state.kv.key is None) == case.startswith("lmm")
     assert isinstance(state.segment.memory, memory_type) if case.startswith("mac") else state.segment.memory is None
@@ -348,25 +349,35 @@ def test_lmm_wiring_matches_the_op_on_hand_built_features():
             assert_rel_close(a, b, 1e-5, name)
 
 
-def test_lmm_keeps_few_activations_for_backward():
+def test_lmm_keeps_few_activations_for_backward(monkeypatch):
     """Saved-for-backward bytes per token of a training forward (dim 64, 2 heads, chunk 16, linear memory).
 
     The memory states at chunk boundaries (2·2·32·32 floats per 16 tokens), the op's chunk-major q/k/v, the
     output norm's inputs, the layer input and the output projection's input come to about 3.1 KB per token;
     before the features, convs, norm and coefficients were recomputed in backward it was 6.0 KB.
     """
+    import seqzoo.models.modules as modules
+
     torch.manual_seed(0)
     layer = build_mixer("titans_lmm", 64, 0, {"num_heads": 2, "chunk_size": 16})
     x = torch.randn(1, 512, 64)
-    storages = {}
 
-    def keep(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    def saved_per_token() -> float:
+        storages = {}
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        layer(x)
-    assert sum(storages.values()) / x.shape[1] < 3500
+        def keep(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            layer(x)
+        return sum(storages.values()) / x.shape[1]
+
+    # Small activations are kept (recomputing them costs more than their memory); from the threshold on, recomputed.
+    kept = saved_per_token()
+    monkeypatch.setattr(modules, "RECOMPUTE_MIN_NUMEL", 0)
+    recomputed = saved_per_token()
+    assert recomputed < 3500 < kept
 
 
 def test_titans_module_cites_only_files_in_the_repository():

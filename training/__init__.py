@@ -14,9 +14,10 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
 from seqzoo.training.checkpoint import AtomicCheckpointIO, load_language_model, read_checkpoint  # noqa: E402
 from seqzoo.training.module import LanguageModelModule, warmup_cosine  # noqa: E402
-from seqzoo.training.run import OptimSchema, RunSchema, build_datamodule, build_trainer, compose, main, run  # noqa: E402
+from seqzoo.training.run import OptimSchema, RunSchema, build_datamodule, build_loggers, build_trainer, compose, main, run  # noqa: E402
 
 __all__ = [
+    "build_loggers",
     "AtomicCheckpointIO",
     "LanguageModelModule",
     "OptimSchema",

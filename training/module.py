@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torchmetrics import Metric
 
 from seqzoo.models.language_model import LanguageModel
 
@@ -20,6 +21,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EvalMetrics(Metric):
+    """Evaluation sums over every rank (torchmetrics syncs them at ``compute``): argmax hits and labelled tokens per
+    segment, and the token-weighted loss. Each example is counted once however the ranks split the data.
+
+    ``compute() -> {"acc": [segments], "count": [segments], "loss": scalar}`` (fp64).
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_segments: int) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros(num_segments, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_segments, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("loss_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, correct: torch.Tensor, count: torch.Tensor, segment: int) -> None:  # type: ignore[override]
+        self.correct[segment] += correct.detach().double()
+        self.count[segment] += count.detach().double()
+        self.loss_sum += loss.detach().double() * count.detach().double()
+        self.tokens += count.detach().double()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"hits": self.correct, "count": self.count, "loss": self.loss_sum / self.tokens.clamp(min=1)}
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -46,8 +73,7 @@ class LanguageModelModule(pl.LightningModule):
             # keeps its plain names (no "_orig_mod." prefix), so checkpoints load with or without compile.
             self.model.hidden_states = torch.compile(self.model.hidden_states, fullgraph=True, dynamic=False)
         self.segment_names = list(segment_names or ["all"])
-        self._eval_counts = torch.zeros(2, len(self.segment_names), dtype=torch.float64)
-        self._eval_loss = torch.zeros(2, dtype=torch.float64)
+        self.eval_metrics = EvalMetrics(len(self.segment_names))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Reseeding from the step (not restoring RNG states) keeps dropout identical after a resume.
@@ -61,24 +87,18 @@ class LanguageModelModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         loss, correct, count = self.model.loss(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
-        segment = int(batch.get("segment", 0))
-        self._eval_counts[0, segment] += correct.item()
-        self._eval_counts[1, segment] += count.item()
-        self._eval_loss += torch.tensor([loss.item() * count.item(), count.item()], dtype=torch.float64)
+        self.eval_metrics.update(loss, correct, count, int(batch.get("segment", 0)))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        # clone: on one process reduce() hands back the very tensor that is zeroed below.
-        counts = self.trainer.strategy.reduce(self._eval_counts.clone().to(self.device), reduce_op="sum").cpu()
-        loss = self.trainer.strategy.reduce(self._eval_loss.clone().to(self.device), reduce_op="sum").cpu()
-        self._eval_counts.zero_()
-        self._eval_loss.zero_()
-        total = counts.sum(1)
-        # The sums above are already over every rank, so each rank holds the same numbers; sync_dist=True
-        # averages equal values (exact) and tells Lightning the metric is global (it warned on every DDP run).
-        self.log(f"{stage}/acc", (total[0] / total[1].clamp(min=1)).item(), prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/loss", (loss[0] / loss[1].clamp(min=1)).item(), prog_bar=stage == "val", sync_dist=True)
+        values = {k: v.cpu() for k, v in self.eval_metrics.compute().items()}  # summed over every rank
+        self.eval_metrics.reset()
+        hits, count = values["hits"], values["count"]
+        # Every rank holds the same global numbers; sync_dist=True averages equal values (exact) and tells
+        # Lightning the metric is global (it warned on every DDP run).
+        self.log(f"{stage}/acc", (hits.sum() / count.sum().clamp(min=1)).item(), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", values["loss"].item(), prog_bar=stage == "val", sync_dist=True)
         if len(self.segment_names) > 1:
-            for name, (hit, n) in zip(self.segment_names, counts.T):
+            for name, hit, n in zip(self.segment_names, hits, count):
                 self.log(f"{stage}/acc/{name}", (hit / n.clamp(min=1)).item(), sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

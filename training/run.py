@@ -89,6 +89,8 @@ class RunSchema:
     progress_refresh_rate: int = 20
     compile: bool = False
     threads: int | None = None
+    # Logger name -> options (configs/logger/): {csv: {}}, {tensorboard: {}}, {wandb: {project, offline}}; several at once.
+    logger: Any = field(default_factory=lambda: {"csv": {}})
 
 
 ConfigStore.instance().store(name="run_schema", node=RunSchema)
@@ -145,7 +147,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[Callback], 
             **trainer_args,
             default_root_dir=str(output_dir),
             callbacks=callbacks,
-            logger=ResumableCSVLogger(output_dir, version=stage),
+            logger=build_loggers(cfg, output_dir, stage),
             plugins=[AtomicCheckpointIO()],
         )
     except (TypeError, ValueError) as exc:
@@ -159,6 +161,57 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[Callback], 
                 "train on the CPU with trainer=cpu or trainer=ddp"
             ) from None
         raise ConfigError(f"trainer config: {reason}") from None
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, stage: str) -> list[Any]:
+    """The loggers ``cfg.logger`` names (``configs/logger/``), each writing ``stage``'s metrics into ``output_dir``:
+
+    * ``csv``: ``<run>/<stage>/metrics.csv`` (:class:`ResumableCSVLogger`, rows kept across a resume);
+    * ``tensorboard``: event files in ``<run>/tensorboard/<stage>/``;
+    * ``wandb``: a W&B run per stage in ``<run>/wandb/`` (``offline: true`` by default: nothing leaves the machine).
+
+    An unknown name, or a logger whose package is missing, is a one-line :class:`ConfigError`.
+    """
+    chosen = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") is not None else {}
+    unknown = sorted(set(chosen) - set(LOGGERS))
+    if unknown:
+        raise ConfigError(f"logger: unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")
+    loggers: list[Any] = []
+    for name, options in chosen.items():
+        options = dict(options or {})
+        if name == "csv":
+            loggers.append(ResumableCSVLogger(output_dir, version=stage))
+        elif name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            try:
+                loggers.append(
+                    TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version=stage, default_hp_metric=False, **options)
+                )
+            except ModuleNotFoundError:
+                raise ConfigError("logger=tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        else:
+            from lightning.pytorch.loggers import WandbLogger
+
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("logger=wandb needs the wandb package (pip install wandb)") from None
+            os.environ.setdefault("WANDB_SILENT", "true")
+            options.setdefault("offline", True)
+            options.setdefault("project", "seqzoo")
+            loggers.append(WandbLogger(save_dir=str(output_dir), name=f"{output_dir.name}-{stage}", **options))
+    return loggers
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """End the W&B run of a finished stage, so the next stage (the test) starts its own instead of reusing it."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.global_rank == 0:
+            logger.experiment.finish()
 
 
 def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -267,13 +320,16 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
         OmegaConf.save(cfg, output_dir / "config.resolved.yaml", resolve=True)
         print(_summary(cfg, module, datamodule, trainer.world_size, output_dir), flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finish_wandb(trainer)
     results: dict[str, Any] = {
         "losses": history.losses,
         "checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
         "threads": history.threads,
     }
     if cfg.test_after_fit:
-        metrics = build_trainer(cfg, output_dir, [], stage="test").test(module, datamodule=datamodule, verbose=False)
+        tester = build_trainer(cfg, output_dir, [], stage="test")
+        metrics = tester.test(module, datamodule=datamodule, verbose=False)
+        finish_wandb(tester)
         results["test"] = {k: float(v) for k, v in metrics[0].items()} if metrics else {}
     if trainer.global_rank == 0:
         (output_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "losses"}, indent=2))

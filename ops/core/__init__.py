@@ -36,6 +36,8 @@ from seqzoo.ops.core.checks import (
     checking,
     checks_enabled,
     fail,
+    guard_nonfinite,
+    poison_from,
 )
 from seqzoo.ops.core.chunks import ChunkLayout, packed_to_padded, padded_to_packed, scan_chunks
 from seqzoo.ops.core.dispatch import (
@@ -80,6 +82,8 @@ __all__ = [
     "compute_dtype",
     "dot_precision",
     "fail",
+    "guard_nonfinite",
+    "poison_from",
     "kernel_input",
     "needs_grad",
     "on_cuda",

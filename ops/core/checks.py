@@ -231,3 +231,58 @@ def check_linear_inputs(
         check_log_gate(op, "g", g)
         check_range(op, "beta", beta, 0.0, 2.0)
     return batch, seq, heads, key_dim, value_dim, num_states
+
+
+# ------------------------------------------------------------------------- non-finite inputs, unchecked
+
+
+def guard_nonfinite(
+    per_token: dict[str, torch.Tensor | None], cu_seqlens: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    """Zero the tokens of a chunked op's inputs that hold NaN or Inf, and say where they were.
+
+    Outside checking mode nothing stops a NaN from reaching an op. A token-by-token recurrence makes every
+    output from that token on NaN, which is honest. A chunked form multiplies whole chunks of tokens at
+    once, and ``0 · NaN`` is NaN, so the NaN would also appear at the positions *before* it in its chunk:
+    it would travel backwards in time. This finds the bad tokens with one reduction per input (no host
+    sync), replaces them by zeros, and :func:`poison_from` puts NaN back from each bad token on. Pass only the
+    inputs that reach other positions (keys, values, gates, write strengths): a query reads the state at its
+    own position only, so a bad query stays where it is without help.
+
+    Args:
+        per_token: the op's inputs, each ``[batch, seq, heads]`` or ``[batch, seq, heads, dim]`` (``None`` skipped).
+        cu_seqlens: packed offsets or ``None``.
+
+    Returns:
+        ``(clean inputs, bad [batch, seq, heads] bool)``.
+    """
+    # One finiteness test of the sum of every input's per-token reduction: a NaN or an Inf anywhere makes the
+    # sum non-finite (Inf − Inf is NaN), and finite inputs large enough to overflow it are not a concern here.
+    total = None
+    for t in per_token.values():
+        if t is not None:
+            reduced = (t if t.dim() == 3 else t.sum(-1)).float()
+            total = reduced if total is None else total + reduced
+    bad = ~torch.isfinite(total)
+    clean = {name: None if t is None else t.masked_fill(bad if t.dim() == 3 else bad[..., None], 0) for name, t in per_token.items()}
+    return clean, bad
+
+
+def poison_from(o: torch.Tensor, final: torch.Tensor | None, bad: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """NaN in ``o [batch, seq, heads, dim]`` from every bad token on (within its sequence and head), and in the
+    final state ``[states, heads, K, V]`` of every (sequence, head) that had one: what the recurrence gives."""
+    count = bad.to(torch.int32).cumsum(1)
+    if cu_seqlens is not None:
+        starts = cu_seqlens[:-1].long()
+        before = torch.cat([count.new_zeros(1, 1, count.shape[2]), count], dim=1)[:, starts]  # [1, seqs, heads]
+        seq_id = torch.repeat_interleave(torch.arange(starts.numel(), device=o.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        count = count - before[:, seq_id]
+    o = o.masked_fill((count > 0)[..., None], float("nan"))
+    if final is not None:
+        if cu_seqlens is None:
+            tainted = count[:, -1] > 0  # [batch, heads]
+        else:
+            ends = cu_seqlens[1:].long() - 1
+            tainted = count[0, ends] > 0  # [seqs, heads]
+        final = final.masked_fill(tainted[..., None, None], float("nan"))
+    return o, final

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, guard_nonfinite, needs_grad, poison_from
 from seqzoo.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from seqzoo.ops.gated_delta_rule.reference import gated_delta_rule_reference
 from seqzoo.ops.utils import default_scale
@@ -49,17 +49,22 @@ def run_delta_rule(
     scale = default_scale(scale, key_dim)
     grad = needs_grad(q, k, v, beta, g, initial_state)
     impl = choose_backend(op, backend, BACKENDS, q, k, v, beta, g, initial_state, seq=seq, grad=grad, short_cpu=True)
+    if impl in ("torch", "triton"):
+        # Chunked forms: a NaN must not reach the positions before it through its chunk (see guard_nonfinite).
+        clean, bad = guard_nonfinite({"k": k, "v": v, "beta": beta, "g": g}, cu_seqlens)
+        k, v, beta, g = (clean[n] for n in ("k", "v", "beta", "g"))
     args = (q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
     if impl == "reference":
         return gated_delta_rule_reference(*args)
     if impl == "torch":
-        return chunk_gated_delta_rule(*args)
+        return poison_from(*chunk_gated_delta_rule(*args), bad, cu_seqlens)
     from seqzoo.ops.gated_delta_rule import triton as kernels
 
     if key_dim > kernels.MAX_KEY_DIM:
         fail(op, f"backend={impl!r} supports key_dim <= {kernels.MAX_KEY_DIM}, got {key_dim}")
-
-    return (kernels.gated_delta_rule_fused if impl == "fused" else kernels.gated_delta_rule_triton)(*args)
+    if impl == "fused":
+        return kernels.gated_delta_rule_fused(*args)
+    return poison_from(*kernels.gated_delta_rule_triton(*args), bad, cu_seqlens)
 
 
 @autocast_off

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, fail, guard_nonfinite, needs_grad, poison_from
 from seqzoo.ops.gla.chunk import gla_chunk
 from seqzoo.ops.gla.reference import gla_reference
 
@@ -62,8 +62,14 @@ def gla(
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     if impl == "reference":
         return gla_reference(q, k, v, g, **kwargs)
+    if impl in ("torch", "triton"):
+        # Chunked forms: a NaN must not reach the positions before it through its chunk (see guard_nonfinite).
+        clean, bad = guard_nonfinite({"k": k, "v": v, "g": g}, cu_seqlens)
+        k, v, g = clean["k"], clean["v"], clean["g"]
     if impl == "torch":
-        return gla_chunk(q, k, v, g, **kwargs)
+        return poison_from(*gla_chunk(q, k, v, g, **kwargs), bad, cu_seqlens)
     from seqzoo.ops.gla.triton import gla_fused, gla_triton
 
-    return (gla_fused if impl == "fused" else gla_triton)(q, k, v, g, **kwargs)
+    if impl == "fused":
+        return gla_fused(q, k, v, g, **kwargs)
+    return poison_from(*gla_triton(q, k, v, g, **kwargs), bad, cu_seqlens)

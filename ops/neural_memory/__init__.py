@@ -41,7 +41,7 @@ from seqzoo.ops.core import (
     fail,
     needs_grad,
 )
-from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp
+from seqzoo.ops.neural_memory.chunk import neural_memory_chunk_linear, neural_memory_chunk_mlp, neural_memory_steps_linear
 from seqzoo.ops.neural_memory.memory import ACTIVATIONS, LinearMemoryState, MLPMemoryState, MLPSpec
 from seqzoo.ops.neural_memory.reference import neural_memory_reference
 
@@ -133,6 +133,8 @@ def neural_memory(
     ln_eps: float = 1e-5,
     retrieval: str = "token",
     cu_seqlens: torch.Tensor | None = None,
+    phase: int = 0,
+    chunk_start: LinearMemoryState | MLPMemoryState | None = None,
 ) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState | None]:
     """Titans neural long-term memory: write ``(k, v)`` by gradient steps with momentum and forgetting, read ``q``.
 
@@ -167,12 +169,22 @@ def neural_memory(
             memory, from ``initial_state[i]`` (every state field ``[num_seqs, …]``), with chunks counted from its
             own first token. Run as one call per sequence: the chunk recurrence is sequential anyway, so the
             loop adds a per-sequence setup, not a per-token cost.
+        phase, chunk_start: continue in the middle of a chunk (decoding): ``phase`` tokens of the current chunk
+            came before this call, ``initial_state`` is the state after them and ``chunk_start`` the state at the
+            chunk's start, whose weights are the gradient base of the chunk's remaining tokens. Those (at most
+            ``chunk_size − phase``) run token by token (a closed-form step for the linear memory, the reference
+            loop for the MLP memory or ``backend="reference"``); the rest
+            continue in whole chunks. A decode step therefore touches a fixed-size state, however long the context.
 
     Returns:
         ``(o, final_state)``: ``o: [batch, seq, heads, value_dim]`` in q's dtype; the final state in fp32
         (fp64 for fp64 inputs), of the same kind as ``initial_state``, or ``None``.
     """
     batch, seq, heads, key_dim, value_dim = check_qkv(_OP, q, k, v)
+    if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < (chunk_size if isinstance(chunk_size, int) else 1):
+        fail(_OP, f"phase must be an int in [0, chunk_size), got {phase!r}")
+    if phase and (chunk_start is None or cu_seqlens is not None):
+        fail(_OP, "phase > 0 needs chunk_start (the state at the chunk's start) and no cu_seqlens")
     if cu_seqlens is not None:
         num_seqs = check_cu_seqlens(_OP, cu_seqlens, batch, seq)
         offsets = ChunkLayout.build(
@@ -205,7 +217,10 @@ def neural_memory(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(_OP, name, t)
     requested = backend
-    backend = choose_backend(_OP, backend, BACKENDS, q, k, v, seq=seq, grad=False)
+    # A few tokens without gradients (decoding) run the token loop on the CPU: the chunked form's fixed cost
+    # (chunk coefficients, padding to a chunk) would dominate them.
+    grad = needs_grad(q, k, v, lr, momentum, decay, ln_weight, ln_bias)
+    backend = choose_backend(_OP, backend, BACKENDS, q, k, v, seq=seq, grad=grad, short_cpu=True)
 
     spec = None
     if memory == "mlp":
@@ -239,6 +254,24 @@ def neural_memory(
     if seq == 0:
         o = q.new_zeros(batch, 0, heads, value_dim)
         return o, (state if output_final_state else None)
+    if phase:
+        base = _initial_state(memory, chunk_start, (batch, heads, key_dim, value_dim), q.device, dtype)
+        head = min(seq, chunk_size - phase)
+        head_inputs = [t[:, :head] for t in (q, k, v, lr, momentum, decay)]
+        if memory == "linear" and backend != "reference":
+            o_head, state = neural_memory_steps_linear(*head_inputs, state, base.weight, phase, chunk_size, retrieval)
+        else:
+            o_head, state = neural_memory_reference(*head_inputs, chunk_size, state, spec, retrieval, phase, base[: len(base) // 2])
+        if head == seq:
+            return o_head.to(q.dtype), (state if output_final_state else None)
+        rest = (t[:, head:] for t in (q, k, v, lr, momentum, decay))
+        options = dict(chunk_size=chunk_size, memory=memory, output_final_state=output_final_state, backend=requested, retrieval=retrieval)
+        if memory == "mlp":
+            options.update(
+                mlp_activation=mlp_activation, mlp_residual_norm=mlp_residual_norm, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps
+            )
+        o_rest, final = neural_memory(*rest, initial_state=state, **options)
+        return torch.cat([o_head.to(q.dtype), o_rest], dim=1), final
 
     if backend == "reference":
         o, final = neural_memory_reference(q, k, v, lr, momentum, decay, chunk_size, state, spec, retrieval)

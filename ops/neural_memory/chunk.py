@@ -343,3 +343,47 @@ def neural_memory_chunk_mlp(
 
     y = torch.stack(outs, dim=2)
     return from_chunks(y, seq), MLPMemoryState(w1, w2, s1, s2)
+
+
+def neural_memory_steps_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    decay: torch.Tensor,
+    state: LinearMemoryState,
+    base: torch.Tensor,
+    phase: int,
+    chunk_size: int,
+    retrieval: str = "token",
+) -> tuple[torch.Tensor, LinearMemoryState]:
+    """The linear memory token by token inside one chunk, in closed form: the decoding path.
+
+    For ``M(x) = xW`` the inner gradient at the chunk-start weights ``W0`` is ``k (k W0 − v)ᵀ``, so a token is
+    ``S ← η S − θ k (k W0 − v)ᵀ;  W ← (1 − α) W + S;  o = q W`` (``o = q W0`` before the chunk's end with
+    ``retrieval="chunk"``): a few batched small products per token, no chunk machinery and no autograd.
+
+    Args:
+        q, k: ``[batch, n, heads, key_dim]``; v: ``[batch, n, heads, value_dim]``; lr, momentum, decay:
+            ``[batch, n, heads]`` (no ``None``); the ``n`` tokens all belong to the chunk in progress.
+        state: the memory after the tokens before (``[batch, heads, key_dim, value_dim]`` each).
+        base: ``W0``, the weights at the chunk's start, ``[batch, heads, key_dim, value_dim]``.
+        phase: tokens of the chunk before this call; ``phase + n <= chunk_size``.
+
+    Returns:
+        ``(o [batch, n, heads, value_dim], state after the last token)`` in the state's dtype.
+    """
+    dtype = state.weight.dtype
+    weight, mom = state.weight, state.momentum
+    base = base.to(dtype)
+    outputs = []
+    for t in range(q.shape[1]):
+        k_t, v_t, q_t = k[:, t].to(dtype), v[:, t].to(dtype), q[:, t].to(dtype)
+        err = torch.einsum("bhk,bhkv->bhv", k_t, base) - v_t
+        grad = k_t[..., :, None] * err[..., None, :]
+        mom = momentum[:, t].to(dtype)[..., None, None] * mom - lr[:, t].to(dtype)[..., None, None] * grad
+        weight = (1 - decay[:, t].to(dtype))[..., None, None] * weight + mom
+        read = weight if retrieval == "token" or (phase + t + 1) % chunk_size == 0 else base
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q_t, read))
+    return torch.stack(outputs, dim=1), LinearMemoryState(weight, mom)

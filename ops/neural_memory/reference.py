@@ -36,6 +36,8 @@ def neural_memory_reference(
     state: LinearMemoryState | MLPMemoryState,
     mlp: MLPSpec | None = None,
     retrieval: str = "token",
+    phase: int = 0,
+    chunk_base: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, LinearMemoryState | MLPMemoryState]:
     """Primal per-token loop with chunk-start gradients.
 
@@ -47,6 +49,8 @@ def neural_memory_reference(
         mlp: the deep-memory description, ``None`` for the linear memory.
         retrieval: ``"token"`` reads each query with the weights just updated by its token; ``"chunk"``
             with the chunk-start weights, except a chunk's last token, which sees its whole chunk.
+        phase: tokens of the first token's chunk that came before this call (0: the call starts a chunk).
+        chunk_base: with ``phase > 0``, the weights at that chunk's start (the gradient base of its tokens).
 
     Returns:
         ``(o [batch, seq, heads, value_dim] in the state's dtype, final state of the same kind)``.
@@ -65,9 +69,9 @@ def neural_memory_reference(
     outer = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
     # The inner gradient must be computable even under torch.no_grad (inference): it is the update.
     with torch.enable_grad():
-        base: tuple[torch.Tensor, ...] = weights
+        base: tuple[torch.Tensor, ...] = weights if chunk_base is None else tuple(w.detach().requires_grad_() for w in chunk_base)
         for t in range(seq):
-            if t % chunk_size == 0:
+            if (t + phase) % chunk_size == 0:
                 # Constant bases (no grad) still need requires_grad to take the inner gradient. Without an outer
                 # graph every base is detached: a view taken under no_grad of a parameter says requires_grad but
                 # is not connected to any graph, so differentiating it would fail.
@@ -84,7 +88,7 @@ def neural_memory_reference(
             grads = torch.autograd.grad(loss, base, create_graph=outer)
             moms = tuple(eta * s - theta * g for s, g in zip(moms, grads))
             weights = tuple(retain * w + s for w, s in zip(weights, moms))
-            chunk_ends = (t + 1) % chunk_size == 0
+            chunk_ends = (t + phase + 1) % chunk_size == 0
             outputs.append(_memory_apply(q_t, weights if retrieval == "token" or chunk_ends else base, mlp))
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=dtype)
     final = type(state)(*weights, *moms)

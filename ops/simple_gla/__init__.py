@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, needs_grad
+from seqzoo.ops.core import autocast_off, check_linear_inputs, choose_backend, guard_nonfinite, needs_grad, poison_from
 from seqzoo.ops.simple_gla.chunk import simple_gla_chunk
 from seqzoo.ops.simple_gla.reference import simple_gla_reference
 
@@ -60,8 +60,14 @@ def simple_gla(
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
+    if impl in ("torch", "triton"):
+        # Chunked forms: a NaN must not reach the positions before it through its chunk (see guard_nonfinite).
+        clean, bad = guard_nonfinite({"k": k, "v": v, "g": g}, cu_seqlens)
+        k, v, g = clean["k"], clean["v"], clean["g"]
     if impl == "torch":
-        return simple_gla_chunk(q, k, v, g, **kwargs)
+        return poison_from(*simple_gla_chunk(q, k, v, g, **kwargs), bad, cu_seqlens)
     from seqzoo.ops.simple_gla.triton import simple_gla_fused, simple_gla_triton
 
-    return (simple_gla_fused if impl == "fused" else simple_gla_triton)(q, k, v, g, **kwargs)
+    if impl == "fused":
+        return simple_gla_fused(q, k, v, g, **kwargs)
+    return poison_from(*simple_gla_triton(q, k, v, g, **kwargs), bad, cu_seqlens)

@@ -324,3 +324,30 @@ def test_l2norm_kernel_path():
     a, _ = gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], use_qk_l2norm=True)
     b, _ = gated_delta_rule(F.normalize(x["q"], dim=-1), F.normalize(x["k"], dim=-1), x["v"], x["beta"], x["g"])
     assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: c.name)
+def test_op_forward_and_backward_never_synchronise_with_the_host(case):
+    # Value checks run only in checking mode; outside it an op call (dense, no cu_seqlens) must not wait for
+    # the device: torch raises on any synchronising call in sync-debug "error" mode.
+    inputs = _map(case.inputs(), lambda t: t.to(CUDA, torch.float32).requires_grad_(t.is_floating_point()))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = _flatten(case.call(inputs, "auto"))
+        if case.triton_grads:
+            sum(o.float().sum() for o in outputs if o.requires_grad).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_a_language_model_step_never_synchronises_with_the_host(name):
+    model = _lm(name).to(CUDA)
+    ids = torch.randint(0, 48, (2, 300), device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(ids).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

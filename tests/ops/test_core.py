@@ -154,3 +154,41 @@ def test_chunk_layout_rejects_bad_offsets_with_one_line():
         ChunkLayout.build(1, 10, 4, torch.tensor([0, 4, 4, 10]), torch.device("cpu"), op="gla")
     with pytest.raises(OpInputError, match="end at seq=10"):
         ChunkLayout.build(1, 10, 4, torch.tensor([0, 4, 9]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "gated_delta_rule"])
+def test_a_nan_never_travels_backwards_outside_checking_mode(op, packed):
+    # Chunked forms multiply a NaN by the zeros above a chunk's diagonal; the guard keeps every position before
+    # the bad token exact and makes the bad token's sequence and head NaN from there on (the token loop makes
+    # at least that much NaN).
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 100, 2, 8, dtype=torch.float64) for _ in range(3))
+    g, beta = -torch.rand(1, 100, 2, dtype=torch.float64), torch.rand(1, 100, 2, dtype=torch.float64)
+    v[0, 70, 1, 3] = float("nan")
+    cu = torch.tensor([0, 40, 100]) if packed else None
+
+    def run(backend):
+        if op == "gated_delta_rule":
+            return gated_delta_rule(q, k, v, beta, g, cu_seqlens=cu, output_final_state=True, backend=backend)
+        if op == "gla":
+            return gla(q, k, v, g[..., None].expand(-1, -1, -1, 8) * 0.1, cu_seqlens=cu, output_final_state=True, backend=backend)
+        return simple_gla(q, k, v, g, cu_seqlens=cu, output_final_state=True, backend=backend)
+
+    (o, final), (ref, ref_final) = run("torch"), run("reference")
+    assert not torch.isnan(o[:, :70]).any(), "a NaN reached a position before it"
+    assert torch.isnan(o[:, 70:, 1]).all() and torch.isnan(final[-1, 1]).all()
+    assert (torch.isnan(o) >= torch.isnan(ref)).all() and (torch.isnan(final) >= torch.isnan(ref_final)).all()
+    finite = ~torch.isnan(o)
+    torch.testing.assert_close(o[finite], ref[finite], rtol=1e-9, atol=1e-9)
+    assert not torch.isnan(o[:, :, 0]).any() and not torch.isnan(final[:, 0]).any()  # the other head is untouched
+
+
+def test_a_nan_query_stays_at_its_own_position():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 100, 2, 8, dtype=torch.float64) for _ in range(3))
+    g, beta = -torch.rand(1, 100, 2, dtype=torch.float64), torch.rand(1, 100, 2, dtype=torch.float64)
+    q[0, 30, 1, 2] = float("nan")
+    o, _ = gated_delta_rule(q, k, v, beta, g, backend="torch")
+    ref, _ = gated_delta_rule(q, k, v, beta, g, backend="reference")
+    assert torch.equal(torch.isnan(o), torch.isnan(ref)) and torch.isnan(o).sum() == 8  # the one (position, head)

@@ -581,3 +581,45 @@ def test_triton_mlp_forward_matches_reference(case):
     for name, a, b in zip(final._fields, final, final_ref):
         assert_rel_close(a, b, tol, name)
     assert final.w1.data_ptr() != state.w1.data_ptr()  # the kernel updates a copy, never the caller's state
+
+
+@pytest.mark.parametrize("retrieval", ["token", "chunk"])
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_streaming_from_the_middle_of_a_chunk_equals_one_call(memory, retrieval, backend):
+    # A decoder keeps the memory now and at its chunk's start; continuing with phase/chunk_start token by token
+    # (and once with a 7-token call that crosses a boundary) gives the one-call outputs.
+    chunk = 4
+    x, state = make_inputs(seq=21, memory=memory, seed=3)
+    kw = dict(chunk_size=chunk, memory=memory, retrieval=retrieval)
+    if memory == "mlp":
+        kw.update(mlp_activation="gelu")
+    names = ("q", "k", "v", "lr", "momentum", "decay")
+    full, _ = neural_memory(*(x[n] for n in names), initial_state=state, **kw)
+
+    def part(a, b, initial, phase=0, start=None):
+        return neural_memory(*(x[n][:, a:b] for n in names), initial_state=initial, output_final_state=True, phase=phase,
+                             chunk_start=start, backend=backend, **kw)  # fmt: skip
+
+    outs, seen = [], 0
+    start = state
+    current = state
+    for length in (2, 1, 7, 1, 1, 1, 8):
+        phase = seen % chunk
+        o, final = part(seen, seen + length, current, phase, start if phase else None)
+        # The next chunk start: the state at the last boundary this call reached (from a second call to the op).
+        reached = (seen + length) // chunk * chunk
+        if reached > seen:
+            _, start = part(seen, reached, current, phase, start if phase else None) if reached < seen + length else (None, final)
+        outs.append(o)
+        current, seen = final, seen + length
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_phase_needs_its_chunk_start():
+    x, state = make_inputs(seq=3)
+    names = ("q", "k", "v", "lr", "momentum", "decay")
+    with pytest.raises(OpInputError, match="phase > 0 needs chunk_start"):
+        neural_memory(*(x[n] for n in names), chunk_size=4, initial_state=state, phase=2)
+    with pytest.raises(OpInputError, match=r"phase must be an int in \[0, chunk_size\)"):
+        neural_memory(*(x[n] for n in names), chunk_size=4, initial_state=state, phase=4, chunk_start=state)
