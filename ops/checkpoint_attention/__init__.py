@@ -28,6 +28,7 @@ from seqzoo.ops.core import (
     checks_enabled,
     choose_backend,
     fail,
+    guard_nonfinite,
     needs_grad,
 )
 
@@ -43,6 +44,25 @@ __all__ = [
 
 BACKENDS = ("reference", "torch", "triton")
 _OP = "checkpoint_attention"
+
+
+def _poisoned(bad_self: torch.Tensor, bad_ckpt: torch.Tensor, segment_len: int, offsets: list[int] | None) -> torch.Tensor:
+    """``[batch, seq, kv_heads]``: the queries a NaN/Inf token reaches: a bad self term its own position, a bad
+    checkpoint every later query of its sequence that sees it (``i >= (m+1)·L``). Tensor ops only (no host sync)."""
+    batch, seq, kv_heads = bad_self.shape
+    # Bad checkpoints among the first n of the packed row: count[:, n] (count[:, 0] = 0).
+    count = torch.cat([bad_ckpt.new_zeros(batch, 1, kv_heads, dtype=torch.int32), bad_ckpt.to(torch.int32).cumsum(1)], dim=1)
+    if offsets is None:
+        position = torch.arange(seq, device=bad_self.device)
+        first = torch.zeros_like(position)  # each row's checkpoints start at 0
+    else:
+        lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])], device=bad_self.device)
+        starts = torch.tensor(offsets[:-1], device=bad_self.device)
+        bases = torch.tensor(checkpoint_offsets(offsets, segment_len)[:-1], device=bad_self.device)
+        position = torch.arange(seq, device=bad_self.device) - starts.repeat_interleave(lengths)
+        first = bases.repeat_interleave(lengths)
+    seen = first + torch.div(position, segment_len, rounding_mode="floor")  # one past the last checkpoint each query sees
+    return bad_self | (count[:, seen] - count[:, first] > 0)
 
 
 def _check(q, k, v, k_ckpt, v_ckpt, segment_len, cu_seqlens) -> None:
@@ -121,10 +141,20 @@ def checkpoint_attention(
     grad = needs_grad(q, k, v, k_ckpt, v_ckpt)
     impl = choose_backend(_OP, backend, BACKENDS, q, k, v, k_ckpt, v_ckpt, seq=seq, grad=grad)
     kwargs = dict(segment_len=segment_len, scale=scale, cu_seqlens=cu_seqlens)
+    # Every backend multiplies masked weights (exact zeros) by the values of keys a query must not see, and
+    # 0 · NaN is NaN: a NaN/Inf key or value would reach earlier queries. So bad tokens and checkpoints are zeroed
+    # here and NaN is put back on exactly the queries that see them (a bad query only ever reaches its own row).
+    clean, bad_self = guard_nonfinite({"k": k, "v": v}, cu_seqlens)
+    clean_ckpt, bad_ckpt = guard_nonfinite({"k": k_ckpt, "v": v_ckpt}, None)
+    args = (q, clean["k"], clean["v"], clean_ckpt["k"], clean_ckpt["v"])
     if impl == "reference":
-        return checkpoint_attention_reference(q, k, v, k_ckpt, v_ckpt, **kwargs)
-    if impl == "torch":
-        return checkpoint_attention_chunk(q, k, v, k_ckpt, v_ckpt, **kwargs)
-    from seqzoo.ops.checkpoint_attention.triton import checkpoint_attention_triton
+        o, _ = checkpoint_attention_reference(*args, **kwargs)
+    elif impl == "torch":
+        o, _ = checkpoint_attention_chunk(*args, **kwargs)
+    else:
+        from seqzoo.ops.checkpoint_attention.triton import checkpoint_attention_triton
 
-    return checkpoint_attention_triton(q, k, v, k_ckpt, v_ckpt, **kwargs)
+        o, _ = checkpoint_attention_triton(*args, **kwargs)
+    offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    poisoned = _poisoned(bad_self, bad_ckpt, segment_len, offsets).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    return o.masked_fill(poisoned[..., None], float("nan")), None

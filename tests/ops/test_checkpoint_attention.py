@@ -193,6 +193,32 @@ def test_compiles_without_a_graph_break_on_the_torch_path():
     assert_all_close(compiled, eager, 1e-12, "compiled")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_never_reaches_an_earlier_query(backend, packed):
+    """Outside checking mode: a NaN value of token 30 (self term) and an Inf in checkpoint 10 (dense: segment 10,
+    seen from position 33 on; packed: the second document's segment 4, seen from its position 15 on) leave every
+    other query exact; a NaN query stays in its own row."""
+    segment_len, seq = 3, 50
+    offsets = [0, 20, 50] if packed else None
+    count = checkpoint_offsets(offsets, segment_len)[-1] if packed else seq // segment_len
+    q, k, v, kc, vc = make_inputs(1, seq, 4, 2, 8, 8, segment_len, num_ckpt=count)
+    cu = None if offsets is None else torch.tensor(offsets)
+    ref, _ = checkpoint_attention(q, k, v, kc, vc, segment_len=segment_len, cu_seqlens=cu, backend=backend)
+    v[0, 30, 1, 2] = float("nan")  # KV head 1: query heads 2 and 3
+    kc[0, 10, 0, 5] = float("inf")  # KV head 0: query heads 0 and 1
+    local_ckpt = (10 - 6) if packed else 10  # the second document's checkpoints start after the first one's 6
+    q[0, 5, 3, 0] = float("nan")
+    o, _ = checkpoint_attention(q, k, v, kc, vc, segment_len=segment_len, cu_seqlens=cu, backend=backend)
+    nan = torch.zeros(1, seq, 4, dtype=torch.bool)
+    nan[0, 30, 2:] = True
+    sees = (torch.arange(seq) - (20 if packed else 0)) // segment_len > local_ckpt  # positions past the checkpoint's segment
+    nan[0, sees, :2] = True
+    nan[0, 5, 3] = True
+    assert torch.equal(torch.isnan(o).any(-1), nan) and torch.isnan(o[nan]).all()
+    torch.testing.assert_close(o[~nan], ref[~nan], rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- input errors
 
 
