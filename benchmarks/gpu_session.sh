@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU lease: install, run the CUDA tests, then the GPU benchmarks, writing logs and reports under $OUT.
 # Usage on the device machine, from the repository root:  bash benchmarks/gpu_session.sh STEP...
-# Steps: setup (always first), tests, pararnn, ops, ops_fla, ops_bf16, titans, models. Wheels for the packages the
+# Steps: setup (always first), tests, pararnn, ops, ops_fla, ops_bf16, titans, models, ckpt. Wheels for the packages the
 # image lacks (hydra-core, omegaconf, datasets, fla-core, titans-pytorch and their pure-Python needs)
 # travel in .whl/ (see the device README).
 #
@@ -38,6 +38,9 @@ for step in "$@"; do
       timeout 200 python3 -m seqzoo.eval bench titans --device cuda --seq-lens 1024 4096 --out "$OUT/titans" 2>&1 | tail -30 ;;
     models)
       timeout 240 python3 -m seqzoo.eval bench models --device cuda --mixers attention gated_deltanet gla mamba2 titans_lmm pararnn_gru --seq-lens 1024 4096 --out "$OUT/models" 2>&1 | tail -30 ;;
+    ckpt)
+      # checkpoint_attention (SCOUT/RAT) vs SDPA causal: the Triton and torch backends, L = 10 and 64.
+      timeout 300 python3 -m seqzoo.eval bench checkpoint_attention --device cuda --seq-lens 4096 8192 16384 32768 --segment-lens 10 64 --out "$OUT/ckpt" 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

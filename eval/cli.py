@@ -5,6 +5,7 @@
     seqzoo-eval bench models --mixers attention --seq-lens 1024 4096
     seqzoo-eval bench ops --seq-lens 256 1024
     seqzoo-eval bench titans --dims 64 128 256 --chunks 16 64
+    seqzoo-eval bench checkpoint_attention --seq-lens 4096 8192 --segment-lens 10 64
 
 Every command prints a markdown table and writes JSON, markdown and (where a curve fits) PNG
 into ``--out`` (default ``results/<command>``).
@@ -76,12 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         "kind",
         nargs="?",
         default="models",
-        choices=["models", "layers", "ops", "titans", "pararnn", "varlen", "loss", "generate"],
-        help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop",
+        choices=["models", "layers", "ops", "titans", "pararnn", "varlen", "loss", "generate", "checkpoint_attention"],
+        help="titans: titans_lmm vs titans-pytorch's NeuralMemory; pararnn: Newton solve vs the sequential loop; "
+        "checkpoint_attention: the op vs SDPA causal attention",
     )
     bench.add_argument("--mixers", nargs="+", default=["attention"], help="mixer names (models/layers)")
     bench.add_argument("--ops", nargs="+", help="op names (ops; default all)")
-    bench.add_argument("--seq-lens", nargs="+", type=int, help="default: 1024 4096 (pararnn: 256 1024 4096 16384)")
+    bench.add_argument(
+        "--seq-lens",
+        nargs="+",
+        type=int,
+        help="default: 1024 4096 (pararnn: 256 1024 4096 16384; checkpoint_attention: 4096 8192 16384 32768)",
+    )
     bench.add_argument("--batch", type=int, help="default: 1 (pararnn: 4)")
     bench.add_argument("--hidden", type=int, help="default: 128 (pararnn: 256)")
     bench.add_argument("--layers", type=int, default=2)
@@ -102,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="models/layers: also time torch.compile(fullgraph=True) fwd+bwd and count graph breaks (compiles once per mixer and length)",
     )
     bench.add_argument("--skip-reference-above", type=int, default=4096, help="ops: skip the token-loop reference beyond this length")
+    bench.add_argument("--segment-lens", nargs="+", type=int, default=[10, 64], help="checkpoint_attention: segment lengths L")
+    bench.add_argument(
+        "--backends", nargs="+", help="checkpoint_attention: the op's backends to time (default: triton and torch on CUDA, torch on CPU)"
+    )
     bench.add_argument("--dims", nargs="+", type=int, default=[64, 128, 256], help="titans: model widths")
     bench.add_argument("--chunks", nargs="+", type=int, default=[16, 64], help="titans: memory chunk sizes")
     bench.add_argument("--memory", nargs="+", default=["linear"], choices=["linear", "mlp"], help="titans: memory networks")
@@ -373,6 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out, args.cells, _default(args.seq_lens, [256, 1024, 4096, 16384]), _default(args.batch, 4), _default(args.hidden, 256),
                 _default(args.heads, 2), args.max_iters, args.device, args.dtype, args.repeats, args.skip_sequential_above, args.modes,
                 projection=not args.no_projection,
+            )  # fmt: skip
+        elif args.kind == "checkpoint_attention":
+            from seqzoo.eval.bench_checkpoint import bench_checkpoint_attention
+
+            bench_checkpoint_attention(
+                out, _default(args.seq_lens, [4096, 8192, 16384, 32768]), args.segment_lens, _default(args.batch, 1),
+                _default(args.heads, 4), args.head_dim, args.backends, args.device, args.dtype, args.repeats,
             )  # fmt: skip
         elif args.kind == "ops":
             from seqzoo.eval.bench_ops import bench_ops

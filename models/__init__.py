@@ -17,8 +17,10 @@ from seqzoo.models.mamba2 import Mamba2
 from seqzoo.models.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
 from seqzoo.models.mom import MixtureOfMemories
 from seqzoo.models.pararnn import ParaGRUMixer, ParaLSTMMixer
+from seqzoo.models.rat import RAT
 from seqzoo.models.registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 from seqzoo.models.retnet import MultiScaleRetention
+from seqzoo.models.scout import Scout
 from seqzoo.models.titans import TitansLMM, TitansMAC, TitansMAG, TitansMAL
 
 __all__ = [
@@ -40,8 +42,10 @@ __all__ = [
     "MultiScaleRetention",
     "ParaGRUMixer",
     "ParaLSTMMixer",
+    "RAT",
     "RMSNorm",
     "RotaryEmbedding",
+    "Scout",
     "ShortConvolution",
     "SwiGLU",
     "TitansLMM",

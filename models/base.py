@@ -112,6 +112,10 @@ class TokenMixer(nn.Module):
     mixer_name: str = "?"
     #: Whether :meth:`mix` handles a cache whose rows sit at different positions, and packed prefills with a cache.
     ragged_rows: bool = True
+    #: Whether the mixer is a whole pre-norm residual block with its own norms (SCOUT's four sub-layers): the
+    #: language model's block then feeds it the raw residual stream instead of ``RMSNorm(x)`` and adds its
+    #: output, the block's residual update.
+    owns_norm: bool = False
     hidden_size: int
 
     def init_cache(self, batch_size: int) -> LayerCache:

@@ -88,6 +88,52 @@ class LayerCache:
             return sum(row.nbytes() for row in self.rows)
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def scope(self, prefix: str) -> ScopedCache:
+        """This cache as seen by a mixer nested inside another: its state names get ``prefix`` (see :class:`ScopedCache`)."""
+        return ScopedCache(self, prefix)
+
+
+class ScopedCache(LayerCache):
+    """A view of a :class:`LayerCache` whose state names carry a prefix, for a mixer nested inside another.
+
+    A layer built from sub-mixers (SCOUT: a sliding-window attention or Mamba-2 mixer, then checkpoint
+    attention) hands each one ``cache.scope("local_")``: the sub-mixer reads and writes ``key`` as usual and
+    the tensor lives in the parent as ``local_key``, so two sub-mixers never collide and the parent's
+    :meth:`nbytes` counts them all. Rows and positions (``seen``) are the parent's.
+    """
+
+    def __init__(self, parent: LayerCache, prefix: str) -> None:  # no LayerCache state of its own: all is the parent's
+        self.parent, self.prefix = parent, prefix
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        return self.parent.batch_size
+
+    @property
+    def seen(self) -> list[int]:  # type: ignore[override]
+        return self.parent.seen
+
+    @property
+    def rows(self) -> list[LayerCache] | None:  # type: ignore[override]
+        return self.parent.rows
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        n = len(self.prefix)
+        return {name[n:]: t for name, t in self.parent.tensors.items() if name.startswith(self.prefix)}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.parent.get(self.prefix + name)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.parent.set(self.prefix + name, value)
+
+    def advance(self, counts: list[int]) -> None:
+        raise RuntimeError("ScopedCache: positions belong to the parent cache, which its own mixer advances")
+
+    def split_rows(self) -> list[LayerCache]:
+        raise RuntimeError("ScopedCache: split the parent cache, not a view of it")
+
 
 class ModelCache:
     """One :class:`LayerCache` per layer of a :class:`~seqzoo.models.LanguageModel`."""

@@ -112,11 +112,16 @@ class LanguageModelConfig:
 
 
 class Block(nn.Module):
-    """One pre-norm residual block: ``x ← x + mixer(norm(x)); x ← x + mlp(norm(x))`` (MLP optional)."""
+    """One pre-norm residual block: ``x ← x + mixer(norm(x)); x ← x + mlp(norm(x))`` (MLP optional).
+
+    A mixer that is itself a whole pre-norm residual block (``owns_norm``: SCOUT's four sub-layers, each with
+    its own norm) gets ``x`` unnormalised, ``x ← x + mixer(x)``, so its inner residual stream is the model's.
+    """
 
     def __init__(self, config: LanguageModelConfig, layer_idx: int, mixer_name: str) -> None:
         super().__init__()
-        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        owns_norm = getattr(get_mixer_class(mixer_name), "owns_norm", False)
+        self.mixer_norm = None if owns_norm else RMSNorm(config.hidden_size, config.norm_eps)
         self.mixer: TokenMixer = build_mixer(mixer_name, config.hidden_size, layer_idx, config.mixers.get(mixer_name))
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps) if config.mlp else None
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.mlp else None
@@ -124,7 +129,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``x: [batch, seq, hidden] -> [batch, seq, hidden]``; ``cache`` is this layer's :class:`LayerCache`,
         ``cu_seqlens`` the offsets of documents packed along ``seq`` (see :class:`TokenMixer`)."""
-        x = x + self.mixer(self.mixer_norm(x), cache=cache, cu_seqlens=cu_seqlens)
+        h = x if self.mixer_norm is None else self.mixer_norm(x)
+        x = x + self.mixer(h, cache=cache, cu_seqlens=cu_seqlens)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x

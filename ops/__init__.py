@@ -6,6 +6,7 @@ states ``[batch, heads, key_dim, value_dim]``, natural-log decay gates, one ``ba
 """
 
 from seqzoo.ops.affine_scan import affine_scan
+from seqzoo.ops.checkpoint_attention import checkpoint_attention
 from seqzoo.ops.core import OpInputError, checking, checks_enabled
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
@@ -24,6 +25,7 @@ __all__ = [
     "RecurrentCell",
     "affine_scan",
     "checking",
+    "checkpoint_attention",
     "checks_enabled",
     "delta_rule",
     "gated_delta_rule",

@@ -312,6 +312,26 @@ def test_eval_threads_flag_sets_torch_threads(mqar_run, tmp_path, capsys):
     assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
+def test_bench_checkpoint_attention_puts_each_segment_length_beside_sdpa(tmp_path, capsys):
+    argv = ["bench", "checkpoint_attention", "--seq-lens", "24", "40", "--segment-lens", "4", "8", "--heads", "2", "--head-dim", "8"]
+    assert main([*argv, "--repeats", "1", "--backends", "torch", "reference", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_checkpoint_attention.json").read_text())["rows"]
+    keys = [(r["seq_len"], r["impl"], r["segment_len"]) for r in rows]
+    assert keys == [
+        (seq, impl, L)
+        for seq in (24, 40)
+        for impl, L in [("sdpa causal", None)] + [(f"checkpoint {b}", L) for L in (4, 8) for b in ("torch", "reference")]
+    ]
+    for r in rows:
+        base = next(x for x in rows if x["seq_len"] == r["seq_len"] and x["segment_len"] is None)
+        if r["segment_len"] is not None:
+            assert r["fwd_bwd_vs_sdpa"] == pytest.approx(r["fwd_bwd_ms"] / base["fwd_bwd_ms"]) and r["ideal"] == 1 / r["segment_len"]
+            assert len(r["fwd_bwd_s_repeats"]) == 1 and r["fwd_bwd_peak_mib"] > 0
+    assert (tmp_path / "bench_checkpoint_attention.png").is_file()
+    assert main(["bench", "checkpoint_attention", "--backends", "fused", "--out", str(tmp_path)]) == 1
+    assert "unknown backend(s) fused" in capsys.readouterr().err
+
+
 def test_bench_varlen_reports_throughput_per_layout_and_no_leak_with_cu_seqlens(tmp_path, capsys):
     import json as _json
 

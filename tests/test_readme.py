@@ -116,6 +116,7 @@ def tiny_eval_flags(argv: list[str]) -> list[str]:
         "bench ops": ["--seq-lens", "16", "--ops", "simple_gla", "--heads", "2", "--head-dim", "8", "--repeats", "1"],
         "bench titans": ["--dims", "8", "--chunks", "4", "--seq-lens", "8", "--heads", "2", "--repeats", "1"],
         "bench pararnn": ["--seq-lens", "8", "--batch", "1", "--hidden", "8", "--repeats", "1", "--cells", "gru"],
+        "bench checkpoint_attention": ["--seq-lens", "32", "--segment-lens", "4", "--heads", "2", "--head-dim", "8", "--repeats", "1"],
         "bench varlen": ["--seq-lens", "64", "--batch", "2", "--hidden", "16", "--repeats", "1"],
         "mqar-sweep": ["--steps", "2", "--lr", "1e-2", "--train-examples-scale", "0.0002", "--test-examples", "8", "--batch-size", "8"]
         + ["--max-seq-len", "64"],

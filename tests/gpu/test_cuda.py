@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from seqzoo.models import LanguageModel, mixer_names
 from seqzoo.ops.affine_scan import affine_scan
+from seqzoo.ops.checkpoint_attention import checkpoint_attention, checkpoint_offsets
 from seqzoo.ops.delta_rule import delta_rule
 from seqzoo.ops.gated_delta_rule import gated_delta_rule
 from seqzoo.ops.gla import gla
@@ -36,6 +37,7 @@ from seqzoo.ops.pararnn import ParaGRU, ParaLSTM, pararnn
 from seqzoo.ops.simple_gla import simple_gla
 from tests.helpers import rel_err
 from tests.ops.test_affine_scan import make_inputs as scan_inputs
+from tests.ops.test_checkpoint_attention import make_inputs as ckpt_inputs
 from tests.ops.test_delta_rule import make_inputs as delta_inputs
 from tests.ops.test_gla import make_inputs as gla_inputs
 from tests.ops.test_neural_memory import make_inputs as memory_inputs
@@ -150,6 +152,16 @@ def _scan(reverse: bool):
     return call
 
 
+def _ckpt(segment_len: int, offsets: list[int] | None = None):
+    def call(x, backend):
+        cu = None if offsets is None else torch.tensor(offsets, device=x[0].device)
+        return checkpoint_attention(*x, segment_len=segment_len, cu_seqlens=cu, backend=backend)[0]
+
+    return call
+
+
+_CKPT_DOCS = [0, 37, 38, 250, 300]  # a 1-token document and documents shorter and longer than a query block
+
 # Batch 2, 3 heads, 300 tokens: 300 is no multiple of 16, 32 or 64, so every kernel ends on a partial chunk.
 OP_CASES = [
     OpCase("gla_d64", lambda: gla_inputs(2, 300, 3, 64, 64), _gla, 5e-3),
@@ -170,6 +182,15 @@ OP_CASES = [
         _memory("mlp", "token"),
         1e-4,
         triton_grads=False,
+    ),
+    # Checkpoint attention: grouped KV heads, L = 10 (several checkpoint blocks) and 64, head dims 64 and 128, packed.
+    OpCase("ckpt_d64_gqa_L10", lambda: ckpt_inputs(2, 1000, 4, 2, 64, 64, 10), _ckpt(10), 1e-4),
+    OpCase("ckpt_d128_L64", lambda: ckpt_inputs(1, 300, 2, 2, 128, 128, 64), _ckpt(64), 1e-4),
+    OpCase(
+        "ckpt_d64_packed_L10",
+        lambda: ckpt_inputs(1, 300, 4, 1, 64, 64, 10, num_ckpt=checkpoint_offsets(_CKPT_DOCS, 10)[-1]),
+        _ckpt(10, _CKPT_DOCS),
+        1e-4,
     ),
     OpCase("scan_diag", lambda: scan_inputs("diag", 2, 1000, 256, F64), _scan(False), 1e-5),
     OpCase("scan_diag_reverse", lambda: scan_inputs("diag", 2, 1000, 256, F64), _scan(True), 1e-5),
