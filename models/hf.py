@@ -57,8 +57,9 @@ class SeqzooConfig(PretrainedConfig):
     validates the model config (an unknown mixer or option is a one-line :class:`ConfigError`).
 
     Args:
-        vocab_size, hidden_size, num_layers, pattern, mixers, mlp, intermediate_size, norm_eps, init_std: as in
-            :class:`LanguageModelConfig`.
+        vocab_size, hidden_size, num_layers, pattern, mixers, mlp, intermediate_size, norm_eps, init_std,
+            balance_loss: as in :class:`LanguageModelConfig` (``balance_loss``: MoM's training term, kept so a
+            re-imported model trains as it did).
         tie_word_embeddings: share the embedding with the output head (``LanguageModelConfig.tie_embeddings``).
         bos_token_id, eos_token_id, pad_token_id: HF's token ids (the byte tokenizer's end of document is 256).
     """
@@ -77,6 +78,7 @@ class SeqzooConfig(PretrainedConfig):
         intermediate_size: int | None = None,
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
+        balance_loss: dict[str, Any] | None = None,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -93,6 +95,7 @@ class SeqzooConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.norm_eps = norm_eps
         self.init_std = init_std
+        self.balance_loss = dict(balance_loss) if balance_loss is not None else None
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,

@@ -67,6 +67,21 @@ def test_config_round_trip(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "seqzoo"
 
 
+def test_config_round_trip_keeps_the_balance_loss(tmp_path):
+    config = LanguageModelConfig.from_dict(
+        {
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "pattern": ["mom", "attention"],
+            "balance_loss": {"form": "switch", "weight": 0.02},
+        }
+    )
+    SeqzooConfig.from_language_model_config(config).save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path).language_model_config()
+    assert loaded == config and loaded.balance_loss == {"form": "switch", "weight": 0.02}
+
+
 def test_bad_config_is_one_line():
     with pytest.raises(ConfigError, match="unknown mixer 'nope'"):
         SeqzooConfig(pattern=["nope"])
