@@ -26,8 +26,13 @@ fla ``model_type``      seqzoo mixer       options (fla -> seqzoo)
                                            ``feature_map`` (``identity``, ``elu``), ``norm_eps``
 ``mamba2``              ``mamba2``         ``head_dim``, ``state_size -> d_state``, ``expand``, ``n_groups``,
                                            ``conv_kernel -> conv_size``, ``norm_eps``; no MLP
-``mom``                 (not yet)          :data:`MIXER_OF` has no entry: add the mixer's options to
-                                           :data:`CONVERTERS` when seqzoo's ``mom`` mixer lands
+``mom``                 ``mom``            ``num_heads``, ``head_dim``, ``expand_v``, ``num_memories``, ``topk``,
+                                           ``shared_mem -> shared_memory``, ``single_kv_proj``, ``use_output_gate``,
+                                           ``conv_size``, ``norm_eps``; ``mom_backend`` must be ``gated_deltanet`` and
+                                           ``use_short_conv`` true (fla's only choices); ``aux_loss_scale`` becomes
+                                           ``balance_loss: {form: switch, weight: aux_loss_scale}`` (fla 0.6.0 adds
+                                           the Switch form whatever ``use_layer_wise_balance`` says, and never reads
+                                           ``capacity``: both are accepted and have no effect)
 ======================  =================  ===========================================================================
 
 Keys (every type but ``mamba2``): ``model.embeddings.weight -> model.embed.weight``,
@@ -36,7 +41,8 @@ Keys (every type but ``mamba2``): ``model.embeddings.weight -> model.embed.weigh
 model.blocks.L.mlp.*``, ``model.norm -> model.norm``, ``lm_head -> model.head``. ``mamba2``: ``backbone.embeddings``,
 ``backbone.layers.L.norm`` (the mixer norm), ``backbone.layers.L.mixer.*``, ``backbone.norm_f``. Inside a mixer the
 names are fla's, except: short convolutions ``<x>_conv1d.{weight,bias} -> convs.<x>.conv.{weight,bias}`` (mamba2:
-``conv1d -> convs.xBC.conv``), ``g_norm_swish_gate -> g_norm`` (gla, retnet), ``norm -> o_norm`` (linear_attn).
+``conv1d -> convs.xBC.conv``), ``g_norm_swish_gate -> g_norm`` (gla, retnet), ``norm -> o_norm`` (linear_attn); ``mom`` keeps its conv names one
+level down: ``<x>_conv1d.weight -> <x>_conv1d.conv.weight``.
 HGRN-2's model-level ``model.lower_bounds [layers, hidden]`` becomes each layer ``L > 0``'s
 ``lower_bound_logit = logit(cumsum(softmax(lower_bounds))[L] − softmax(lower_bounds)[0])``, the bound fla computes.
 Hybrid checkpoints (fla's ``attn`` spec: softmax attention at ``attn.layers``) become a pattern with ``attention`` at
@@ -165,6 +171,14 @@ def _linear_attn(c: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _mom(c: dict[str, Any]) -> dict[str, Any]:
+    _require(c, "mom", {"mom_backend": "gated_deltanet", "use_short_conv": True})
+    return {"num_heads": c.get("num_heads", 4), "head_dim": c.get("head_dim", 256), "expand_v": float(c.get("expand_v", 1.0)),
+            "num_memories": c.get("num_memories", 4), "topk": c.get("topk", 2), "shared_memory": bool(c.get("shared_mem", True)),
+            "single_kv_proj": bool(c.get("single_kv_proj", False)), "use_output_gate": bool(c.get("use_output_gate", True)),
+            "conv_size": c.get("conv_size", 4), "update_rule": "gated_delta_rule", "norm_eps": c.get("norm_eps", 1e-6)}  # fmt: skip
+
+
 def _mamba2(c: dict[str, Any]) -> dict[str, Any]:
     _require(c, "mamba2", {"use_bias": False, "use_conv_bias": True, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
                            "hidden_act": lambda v: v in ("silu", "swish"), "dt_limit": lambda v: [_number(x) for x in v] == [0.0, math.inf],
@@ -173,14 +187,13 @@ def _mamba2(c: dict[str, Any]) -> dict[str, Any]:
             "conv_size": c.get("conv_kernel", 4), "norm_eps": c.get("norm_eps", 1e-5)}  # fmt: skip
 
 
-#: fla ``model_type`` -> seqzoo mixer name. ``mom`` lands with seqzoo's MoM mixer: add ``"mom": "mom"`` and its
-#: options function to :data:`CONVERTERS` (and a key rename in :data:`_MIXER_RENAMES` if its names differ).
+#: fla ``model_type`` -> seqzoo mixer name.
 MIXER_OF = {"transformer": "attention", "gla": "gla", "delta_net": "deltanet", "gated_deltanet": "gated_deltanet", "retnet": "retnet",
-            "hgrn2": "hgrn2", "linear_attn": "linear_attention", "mamba2": "mamba2"}  # fmt: skip
+            "hgrn2": "hgrn2", "linear_attn": "linear_attention", "mamba2": "mamba2", "mom": "mom"}  # fmt: skip
 #: fla ``model_type`` -> function of its config dict returning the seqzoo mixer's options.
 CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "transformer": _attention, "gla": _gla, "delta_net": _deltanet, "gated_deltanet": _gated_deltanet, "retnet": _retnet,
-    "hgrn2": _hgrn2, "linear_attn": _linear_attn, "mamba2": _mamba2,
+    "hgrn2": _hgrn2, "linear_attn": _linear_attn, "mamba2": _mamba2, "mom": _mom,
 }  # fmt: skip
 # Options each type's converter reads (anything else not in _IGNORED is an unsupported option).
 _READS = {
@@ -198,6 +211,8 @@ _READS = {
                     "output_norm", "elementwise_affine", "hidden_act"},
     "mamba2": {"head_dim", "state_size", "expand", "n_groups", "conv_kernel", "use_bias", "use_conv_bias", "D_has_hdim", "rmsnorm",
                "norm_before_gate", "hidden_act", "dt_limit", "num_heads"},
+    "mom": {"num_heads", "head_dim", "expand_v", "num_memories", "topk", "shared_mem", "single_kv_proj", "use_output_gate",
+            "use_short_conv", "conv_size", "mom_backend", "capacity", "use_layer_wise_balance", "aux_loss_scale", "hidden_act"},
 }  # fmt: skip
 # Mixer-internal renames (fla -> seqzoo), applied to the part of a key after the mixer prefix.
 _MIXER_RENAMES = [
@@ -206,6 +221,7 @@ _MIXER_RENAMES = [
     (re.compile(r"^g_norm_swish_gate\.weight$"), "g_norm.weight"),
 ]
 _LINEAR_ATTN_RENAMES = [(re.compile(r"^norm\.weight$"), "o_norm.weight")]
+_MOM_RENAMES = [(re.compile(r"^(q|k|v)_conv1d\.(weight|bias)$"), r"\1_conv1d.conv.\2")]
 
 
 def fla_to_seqzoo(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -213,8 +229,7 @@ def fla_to_seqzoo(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tup
     :class:`LanguageModel` names). One-line :class:`ConfigError` for an unsupported type or option."""
     model_type = config.get("model_type")
     if model_type not in CONVERTERS:
-        pending = " (mom converts once seqzoo has its mom mixer)" if model_type == "mom" else ""
-        raise ConfigError(f"convert-fla: model_type {model_type!r} is not supported{pending}; supported: {', '.join(sorted(CONVERTERS))}")
+        raise ConfigError(f"convert-fla: model_type {model_type!r} is not supported; supported: {', '.join(sorted(CONVERTERS))}")
     unknown = sorted(set(config) - _IGNORED - _READS[model_type])
     if unknown:
         raise ConfigError(f"convert-fla: {model_type} option {unknown[0]}={config[unknown[0]]!r} is not supported by seqzoo")
@@ -241,7 +256,7 @@ def fla_to_seqzoo(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tup
     else:
         prefix, mixer_part, norm_part, final = "model", "attn", "attn_norm", "model.norm.weight"
     out: dict[str, torch.Tensor] = {}
-    renames = _MIXER_RENAMES + (_LINEAR_ATTN_RENAMES if model_type == "linear_attn" else [])
+    renames = {"linear_attn": _MIXER_RENAMES + _LINEAR_ATTN_RENAMES, "mom": _MOM_RENAMES}.get(model_type, _MIXER_RENAMES)
     layer_key = re.compile(rf"^{prefix}\.layers\.(\d+)\.(.+)$")
     for key, value in state.items():
         if key == f"{prefix}.embeddings.weight":
@@ -286,6 +301,8 @@ def fla_to_seqzoo(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tup
         "norm_eps": config.get("norm_eps", 1e-5 if model_type == "mamba2" else 1e-6),
         "init_std": config.get("initializer_range", 0.02),
     }
+    if model_type == "mom":
+        lm_config["balance_loss"] = {"form": "switch", "weight": float(config.get("aux_loss_scale", 0.01))}
     if tied:
         out.pop("head.weight", None)
     return lm_config, out

@@ -45,6 +45,9 @@ conv modules keep their weight one level down (``q_conv1d.conv.weight`` for fla'
 shape ``[channels, 1, conv_size]``). ``load_state_dict`` accepts either spelling and :meth:`fla_state_dict`
 writes fla's. With those weights the layer computes fla's inference path (its ``cu_seqlens``-respecting convs);
 fla's training path differs only in that its convs read across segment boundaries, which we never do.
+fla 0.6.0 orders each memory's tokens with a plain ``argsort()`` (stable on its GPUs by accident, not on a
+CPU), so on a CPU fla's own output is not causal; ours sorts with ``stable=True``. ``seqzoo-eval convert-fla``
+turns an fla MoM checkpoint into a seqzoo model (``tests/test_fla_convert.py`` checks it against fla's model).
 
 **Router statistics** for the balance loss leave the layer by a side channel: every forward stores the
 router logits on the layer (:attr:`MixtureOfMemories.router_logits`, ``[batch, seq, M]``, with their graph);
