@@ -155,6 +155,10 @@ def checkpoint_attention(
         from seqzoo.ops.checkpoint_attention.triton import checkpoint_attention_triton
 
         o, _ = checkpoint_attention_triton(*args, **kwargs)
+    if bad_self is None and bad_ckpt is None:
+        return o, None
+    bad_self = torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device) if bad_self is None else bad_self
+    bad_ckpt = torch.zeros(k_ckpt.shape[:3], dtype=torch.bool, device=k.device) if bad_ckpt is None else bad_ckpt
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     poisoned = _poisoned(bad_self, bad_ckpt, segment_len, offsets).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     return o.masked_fill(poisoned[..., None], float("nan")), None

@@ -254,7 +254,9 @@ def guard_nonfinite(
         cu_seqlens: packed offsets or ``None``.
 
     Returns:
-        ``(clean inputs, bad [batch, seq, heads] bool)``.
+        ``(clean inputs, bad [batch, seq, heads] bool)``; ``(inputs unchanged, None)`` when every input is finite
+        and that could be read for free (eager CPU tensors: no device to wait for, no graph to break), which
+        spares the copies; :func:`poison_from` then has nothing to do.
     """
     # One finiteness test of the sum of every input's per-token reduction: a NaN or an Inf anywhere makes the
     # sum non-finite (Inf − Inf is NaN), and finite inputs large enough to overflow it are not a concern here.
@@ -263,14 +265,20 @@ def guard_nonfinite(
         if t is not None:
             reduced = (t if t.dim() == 3 else t.sum(-1)).float()
             total = reduced if total is None else total + reduced
-    bad = ~torch.isfinite(total)
+    finite = torch.isfinite(total)
+    if total.device.type == "cpu" and not torch.compiler.is_compiling() and bool(finite.all()):
+        return dict(per_token), None
+    bad = ~finite
     clean = {name: None if t is None else t.masked_fill(bad if t.dim() == 3 else bad[..., None], 0) for name, t in per_token.items()}
     return clean, bad
 
 
-def poison_from(o: torch.Tensor, final: torch.Tensor | None, bad: torch.Tensor, cu_seqlens: torch.Tensor | None):
+def poison_from(o: torch.Tensor, final: torch.Tensor | None, bad: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """NaN in ``o [batch, seq, heads, dim]`` from every bad token on (within its sequence and head), and in the
-    final state ``[states, heads, K, V]`` of every (sequence, head) that had one: what the recurrence gives."""
+    final state ``[states, heads, K, V]`` of every (sequence, head) that had one: what the recurrence gives.
+    ``bad`` ``None`` (:func:`guard_nonfinite` saw only finite inputs): ``(o, final)`` unchanged."""
+    if bad is None:
+        return o, final
     count = bad.to(torch.int32).cumsum(1)
     if cu_seqlens is not None:
         starts = cu_seqlens[:-1].long()

@@ -16,6 +16,8 @@ from seqzoo.ops.core import (
     checking,
     checks_enabled,
     choose_backend,
+    guard_nonfinite,
+    poison_from,
     scan_chunks,
 )
 from seqzoo.ops.core import dispatch as dispatch_module
@@ -192,3 +194,20 @@ def test_a_nan_query_stays_at_its_own_position():
     o, _ = gated_delta_rule(q, k, v, beta, g, backend="torch")
     ref, _ = gated_delta_rule(q, k, v, beta, g, backend="reference")
     assert torch.equal(torch.isnan(o), torch.isnan(ref)) and torch.isnan(o).sum() == 8  # the one (position, head)
+
+
+def test_guard_skips_its_copies_only_where_finiteness_is_free_to_read(monkeypatch):
+    # Eager CPU: all finite is read on the host (no device to wait for) and the inputs pass through untouched.
+    k, v = torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2, 4)
+    clean, bad = guard_nonfinite({"k": k, "v": v, "g": None}, None)
+    assert bad is None and clean["k"] is k and clean["v"] is v and clean["g"] is None
+    o = torch.randn(1, 9, 2, 4)
+    assert poison_from(o, None, None, None) == (o, None)
+    # Where that read would sync a device or break a graph (here: as if compiling), the mask is computed on the
+    # device: all False for finite inputs, the bad (position, head) otherwise.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    clean, bad = guard_nonfinite({"k": k, "v": v}, None)
+    assert bad is not None and not bad.any() and torch.equal(clean["k"], k)
+    v[0, 4, 1, 2] = float("inf")
+    clean, bad = guard_nonfinite({"k": k, "v": v}, None)
+    assert bad.nonzero().tolist() == [[0, 4, 1]] and torch.equal(clean["v"][0, 4, 1], torch.zeros(4))
