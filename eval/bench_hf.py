@@ -107,15 +107,14 @@ def bench_generate(
         hf = SeqzooForCausalLM.from_language_model(model)
         for context in contexts:
             prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1)).to(dev)
+            # An explicit all-ones mask: without one HF infers it from ``prompt != pad_token_id``, and a random prompt
+            # that contains the pad id would read as a padded row with holes.
+            hf_kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
             ours_out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-            hf_out = hf.generate(
-                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
-            )
+            hf_out = hf.generate(prompt, **hf_kwargs)
             ours_s = time_call(lambda: model.generate(prompt, max_new_tokens=new_tokens, temperature=0), dev, warmup=1, repeats=repeats)
-            hf_s = time_call(
-                lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0),
-                dev, warmup=1, repeats=repeats,
-            )  # fmt: skip
+            hf_s = time_call(lambda: hf.generate(prompt, **hf_kwargs), dev, warmup=1, repeats=repeats)
             rows.append({"mixer": mixer, "context": context, "new_tokens": new_tokens, "batch": batch,
                          "seqzoo_tok_s": batch * new_tokens / ours_s, "hf_tok_s": batch * new_tokens / hf_s,
                          "hf_over_seqzoo": ours_s / hf_s, "same_tokens": bool(torch.equal(ours_out, hf_out))})  # fmt: skip

@@ -239,3 +239,11 @@ def test_byte_tokenizer_round_trip(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(text)["input_ids"] == ByteTokenizer().encode(text).tolist() and loaded.eos_token_id == 256
     assert AutoConfig.from_pretrained(tmp_path).eos_token_id == 256
+
+
+def test_bench_generate_runs_on_prompts_that_contain_the_pad_id(tmp_path):
+    # A 300-token random prompt over a 4-token vocabulary holds the pad id 0: HF must not read it as padding.
+    from seqzoo.eval.bench_hf import bench_generate
+
+    rows = bench_generate(str(tmp_path), ["gated_deltanet"], [300], new_tokens=2, hidden=16, layers=1, vocab=4, repeats=1)
+    assert rows[0]["same_tokens"] is True
