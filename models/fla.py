@@ -41,8 +41,8 @@ Keys (every type but ``mamba2``): ``model.embeddings.weight -> model.embed.weigh
 model.blocks.L.mlp.*``, ``model.norm -> model.norm``, ``lm_head -> model.head``. ``mamba2``: ``backbone.embeddings``,
 ``backbone.layers.L.norm`` (the mixer norm), ``backbone.layers.L.mixer.*``, ``backbone.norm_f``. Inside a mixer the
 names are fla's, except: short convolutions ``<x>_conv1d.{weight,bias} -> convs.<x>.conv.{weight,bias}`` (mamba2:
-``conv1d -> convs.xBC.conv``), ``g_norm_swish_gate -> g_norm`` (gla, retnet), ``norm -> o_norm`` (linear_attn); ``mom`` keeps its conv names one
-level down: ``<x>_conv1d.weight -> <x>_conv1d.conv.weight``.
+``conv1d -> convs.xBC.conv``), ``g_norm_swish_gate -> g_norm`` (gla, retnet), ``norm -> o_norm`` (linear_attn);
+``mom`` keeps its conv names one level down: ``<x>_conv1d.weight -> <x>_conv1d.conv.weight``.
 HGRN-2's model-level ``model.lower_bounds [layers, hidden]`` becomes each layer ``L > 0``'s
 ``lower_bound_logit = logit(cumsum(softmax(lower_bounds))[L] − softmax(lower_bounds)[0])``, the bound fla computes.
 Hybrid checkpoints (fla's ``attn`` spec: softmax attention at ``attn.layers``) become a pattern with ``attention`` at
