@@ -30,7 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 from seqzoo.ops.checkpoint_attention.chunk import checkpoint_offsets
 from seqzoo.ops.core import ChunkLayout, dot_precision, fail, kernel_input
-from seqzoo.ops.core.triton_host import acc_dtype, chunk_coords, load_cols, load_rows, load_token, store_rows, tl_dtype
+from seqzoo.ops.core.triton_host import acc_dtype, chunk_coords, load_cols, load_rows, load_token, seq_span, store_rows, tl_dtype
 from seqzoo.ops.utils import default_scale
 
 MAX_HEAD_DIM = 256  # one tile holds a whole head: q, k (and the accumulator) stay on chip
@@ -49,18 +49,6 @@ def _blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
     if width <= 64:
         return 64, 64
     return (64, 32) if width <= 128 else (32, 32)
-
-
-@triton.jit
-def _ckpt_span(i_n, i_b, M, ckpt_offsets, IS_VARLEN: tl.constexpr):
-    """``(cbos, count)`` of the checkpoints of sequence ``i_n`` (packed) or row ``i_b`` (dense), int64."""
-    if IS_VARLEN:
-        cbos = tl.load(ckpt_offsets + i_n).to(tl.int64)
-        count = tl.load(ckpt_offsets + i_n + 1).to(tl.int64) - cbos
-    else:
-        cbos = i_b.to(tl.int64) * M
-        count = M + cbos * 0
-    return cbos, count
 
 
 @triton.jit(do_not_specialize=["T", "M", "L"])
@@ -96,10 +84,10 @@ def _ckpt_fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // (H // HKV)
     bos, seq_len, i_c = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    i_n = 0
+    i_n = i_b  # dense: the row's checkpoints; packed (batch 1): the sequence's
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    cbos, count = _ckpt_span(i_n, i_b, M, ckpt_offsets, IS_VARLEN)
+    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
     o_t = i_c * BM + tl.arange(0, BM)
     m_t = o_t < seq_len
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
@@ -166,10 +154,10 @@ def _ckpt_bwd_dq_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // (H // HKV)
     bos, seq_len, i_c = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    i_n = 0
+    i_n = i_b  # dense: the row's checkpoints; packed (batch 1): the sequence's
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    cbos, count = _ckpt_span(i_n, i_b, M, ckpt_offsets, IS_VARLEN)
+    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
     o_t = i_c * BM + tl.arange(0, BM)
     m_t = o_t < seq_len
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
@@ -239,14 +227,11 @@ def _ckpt_bwd_dkv_kernel(
     if IS_VARLEN:
         i_n = tl.load(ckpt_indices + i_nb * 2).to(tl.int64)
         i_cb = tl.load(ckpt_indices + i_nb * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     else:
-        i_n = 0
+        i_n = i_b
         i_cb = i_nb.to(tl.int64)
-        bos = i_b.to(tl.int64) * T
-        seq_len = T + bos * 0
-    cbos, count = _ckpt_span(i_n, i_b, M, ckpt_offsets, IS_VARLEN)
+    bos, seq_len = seq_span(i_n, T, cu_seqlens, IS_VARLEN)
+    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
     o_n = i_cb * BN + tl.arange(0, BN)
     m_n = o_n < count
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
