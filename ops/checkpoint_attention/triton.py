@@ -51,6 +51,36 @@ def _blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
     return (64, 32) if width <= 128 else (32, 32)
 
 
+@triton.jit
+def _query_block(
+    i_t,
+    i_bh,
+    T,
+    M,
+    L,
+    cu_seqlens,
+    ckpt_offsets,
+    chunk_indices,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    BM: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Where query-block program ``(i_t, i_bh)`` reads: ``(i_h, i_hk, bos, cbos, o_t, m_t, n_hi)``, its query head and
+    KV head, the first token of its sequence and of the sequence's checkpoints, the block's positions ``[BM]`` and
+    their mask, and ``n_hi``, how many checkpoints its last query sees (the loop bound of both query-block kernels)."""
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HKV)
+    bos, seq_len, i_c = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_n = i_b  # dense: the row's checkpoints; packed (batch 1): the sequence's
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
+    o_t = i_c * BM + tl.arange(0, BM)
+    n_hi = tl.minimum((tl.minimum(i_c * BM + BM, seq_len) - 1) // L, count)
+    return i_h, i_hk, bos, cbos, o_t, o_t < seq_len, n_hi
+
+
 @triton.jit(do_not_specialize=["T", "M", "L"])
 def _ckpt_fwd_kernel(
     q,
@@ -80,16 +110,9 @@ def _ckpt_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """One query block of one head: online softmax over [self, visible checkpoints]."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, seq_len, i_c = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    i_n = i_b  # dense: the row's checkpoints; packed (batch 1): the sequence's
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
-    o_t = i_c * BM + tl.arange(0, BM)
-    m_t = o_t < seq_len
+    i_h, i_hk, bos, cbos, o_t, m_t, n_hi = _query_block(
+        tl.program_id(0), tl.program_id(1), T, M, L, cu_seqlens, ckpt_offsets, chunk_indices, H, HKV, BM, IS_VARLEN
+    )
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     b_q = load_rows(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC)
@@ -98,7 +121,6 @@ def _ckpt_fwd_kernel(
     b_l = tl.full([BM], 1.0, dtype=ACC)
     b_acc = load_rows(v, bos, o_t, m_t, o_v, m_v, HKV, V, i_hk, ACC)
     seen = o_t // L  # checkpoints each query may see
-    n_hi = tl.minimum((tl.minimum(i_c * BM + BM, seq_len) - 1) // L, count)
     for n0 in range(0, n_hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_hi
@@ -150,16 +172,9 @@ def _ckpt_bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):
     """One query block of one head: ``dq``, and the self term's ``dk``, ``dv`` per query head."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, seq_len, i_c = chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    i_n = i_b  # dense: the row's checkpoints; packed (batch 1): the sequence's
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-    cbos, count = seq_span(i_n, M, ckpt_offsets, IS_VARLEN)
-    o_t = i_c * BM + tl.arange(0, BM)
-    m_t = o_t < seq_len
+    i_h, i_hk, bos, cbos, o_t, m_t, n_hi = _query_block(
+        tl.program_id(0), tl.program_id(1), T, M, L, cu_seqlens, ckpt_offsets, chunk_indices, H, HKV, BM, IS_VARLEN
+    )
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     b_q = load_rows(q, bos, o_t, m_t, o_k, m_k, H, K, i_h, ACC)
@@ -174,7 +189,6 @@ def _ckpt_bwd_dq_kernel(
     store_rows(dk, (ds_self * scale)[:, None] * b_q, bos, o_t, m_t, o_k, m_k, H, K, i_h)
     b_dq = ds_self[:, None] * b_k
     seen = o_t // L
-    n_hi = tl.minimum((tl.minimum(i_c * BM + BM, seq_len) - 1) // L, count)
     for n0 in range(0, n_hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_hi
