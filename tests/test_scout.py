@@ -211,6 +211,20 @@ def test_compressions_make_different_checkpoints_and_segment_len_one_makes_them_
     assert_rel_close(ones[2], ones[0], 1e-12, "gated vs stride at L=1")
 
 
+def test_checkpoint_sublayer_with_segment_len_one_is_the_attention_mixer():
+    """At L = 1 every past token is a checkpoint, so SCOUT's sub-layer is causal softmax attention with RoPE at the
+    tokens' own positions: the zoo's ``attention`` mixer after a weight copy (same parameter names), dense and packed."""
+    scout = _layer("scout", segment_len=1, num_heads=2, num_kv_heads=1, mixer_options={"window_size": 4})
+    attention = build_mixer("attention", HIDDEN, 0, {"num_heads": 2, "num_kv_heads": 1, "rope_theta": 10000.0}).double()
+    attention.load_state_dict(scout.ckpt.state_dict())
+    x = _x(2, 23)
+    with torch.no_grad():
+        assert_rel_close(scout.ckpt(x, None, Call(2, 23, None, None, (0, 0))), attention(x), 1e-12, "dense")
+        offsets = (0, 9, 10, 23)
+        packed = scout.ckpt(x[:1], None, Call(1, 23, torch.tensor(offsets), offsets, (0, 0, 0)))
+        assert_rel_close(packed, attention(x[:1], cu_seqlens=torch.tensor(offsets)), 1e-12, "packed")
+
+
 # ------------------------------------------------------------------------------------------------ RAT's limits
 
 
