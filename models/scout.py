@@ -55,7 +55,10 @@ class Scout(TokenMixer):
         num_heads, num_kv_heads, head_dim: heads of the checkpoint attention (grouped KV heads allowed).
         segment_len: ``L``, tokens per segment (the paper's ``selection_window_size``, 10).
         compression: ``"stride"`` (last token of a segment), ``"mean"`` or ``"gated"`` (learned pool).
-        rope_theta: RoPE base of the checkpoint attention; ``None`` disables it.
+        rope_theta: RoPE base of the checkpoint attention; ``None`` disables it there (the local mixer keeps its
+            own). With RoPE the checkpoints sit at absolute positions, so a longer prompt shows the queries distances
+            they never met in training; on the passkey probe at width 64 (``benchmarks/RESULTS.md``), ``None``
+            kept 0.3-0.7 accuracy at 2-8x the training length where ``1e4`` and ``1e6`` fell to 0.
         intermediate_size: SwiGLU width of both MLPs (default ``8/3 · hidden`` rounded up to 32).
         norm_eps: epsilon of the four RMSNorms.
         backend: the checkpoint-attention op's backend (``auto | reference | torch | triton``).
