@@ -2,7 +2,7 @@
 # SCOUT / RAT measurements (issue 18), one step per question. Run from the repository root, with nothing else on the
 # machine (timings on a shared CPU are not evidence; a step that measures time says so below):
 #
-#   bash benchmarks/scout_measure.sh bench sweep mqar_long passkey niah decode
+#   bash benchmarks/scout_measure.sh bench sweep mqar_long passkey niah nope decode
 #
 # Everything lands under $OUT (default results/scout); every step also prints its table. Steps:
 #
@@ -21,13 +21,16 @@
 #              length 128, 800 steps, width 64, 2 layers. About 5-15 min per model.
 #   niah       the passkey checkpoints probed at 1x, 2x, 4x and 8x the training length (prompts 124 / 252 / 508 /
 #              1020 tokens), 5 depths x 20 samples, greedy decoding through the cache.
+#   nope       scout_swa without RoPE in its checkpoint attention (rope_theta=null; the window keeps its own), trained
+#              as in passkey with seeds 0 and 1 and probed as in niah: with RoPE the checkpoints sit at absolute
+#              positions and nothing is retrieved beyond the training length; without, the key comes back at 2-8x.
 #   decode     per-token decode latency and cache bytes against context for the passkey checkpoints (the SCOUT and
 #              RAT caches grow as T/L, attention's as T, the recurrent ones stay flat). Latency is a timing: quiet
 #              machine only.
 #
 # Sizes come from the variables below (defaults: the full runs). A smoke run of every command on tiny settings:
 #   OUT=/tmp/scout_smoke SEQ_LENS="256 512" SWEEP_STEPS=5 SWEEP_SCALE=0.002 TEST_EXAMPLES=16 BATCH=16 LONG_EXAMPLES=4 \
-#   PASSKEY_STEPS=3 PASSKEY_TRAIN=64 SAMPLES=1 CONTEXTS="256 512" bash benchmarks/scout_measure.sh bench sweep mqar_long passkey niah decode
+#   PASSKEY_STEPS=3 PASSKEY_TRAIN=64 SAMPLES=1 CONTEXTS="256 512" bash benchmarks/scout_measure.sh bench sweep mqar_long passkey niah nope decode
 #
 # The question for sweep / mqar_long / passkey / niah: compare scout_swa with swa (same window, same training) at 2x
 # and 4x the training length; scout_mamba, rat, gated_deltanet, titans_mac and attention are the context.
@@ -72,12 +75,20 @@ for step in "$@"; do
       for m in $MODELS; do
         seqzoo-eval probe niah "$OUT/passkey/$m/checkpoints/last.ckpt" --samples "$SAMPLES" --out "$OUT/niah/$m"
       done ;;
+    nope)
+      for seed in 0 1; do
+        run="$OUT/passkey/scout_swa_nope_seed$seed"
+        python train.py data=niah_passkey data.seq_len=128 data.num_train="$PASSKEY_TRAIN" model=scout_swa \
+          model.mixers.scout.rope_theta=null seed=$seed trainer.max_steps="$PASSKEY_STEPS" trainer.enable_progress_bar=false \
+          hydra.run.dir="$run"
+        seqzoo-eval probe niah "$run/checkpoints/last.ckpt" --samples "$SAMPLES" --out "$OUT/niah/scout_swa_nope_seed$seed"
+      done ;;
     decode)
       ckpts=()
       for m in $MODELS; do ckpts+=("$OUT/passkey/$m/checkpoints/last.ckpt"); done
       # shellcheck disable=SC2086  # word list
       seqzoo-eval probe decode --checkpoints "${ckpts[@]}" --contexts $CONTEXTS --decode-tokens 32 \
         --out "$OUT/decode" ;;
-    *) echo "unknown step $step (bench, sweep, mqar_long, passkey, niah, decode)"; exit 2 ;;
+    *) echo "unknown step $step (bench, sweep, mqar_long, passkey, niah, nope, decode)"; exit 2 ;;
   esac
 done
