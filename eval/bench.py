@@ -7,14 +7,13 @@ loop vs chunked PyTorch vs Triton), see :mod:`seqzoo.eval.bench_ops`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from seqzoo.eval.measure import peak_memory, sync, time_call
+from seqzoo.eval.measure import peak_memory, time_call
 from seqzoo.eval.report import progress, write_report
 from seqzoo.models import LanguageModel, build_mixer
 
@@ -90,27 +89,22 @@ def bench_mixers(
             out = module(x)
             out.float().square().mean().backward()
 
-        def decode_seconds() -> float:
-            # Only the decode steps are timed: each repeat prefills a fresh cache untimed first. (Timing prefill +
-            # decode and subtracting a separately timed prefill left the noise of a long prefill in a short decode.)
-            times = []
-            step = x[:, -1:]
-            for repeat in range(1 + repeats):  # the first one warms up
-                with torch.no_grad():
-                    cache = module.init_cache(batch)
-                    module(x, cache=cache)
-                    sync(dev)
-                    start = time.perf_counter()
-                    for _ in range(decode_tokens):
-                        module(step, cache=cache)
-                    sync(dev)
-                    if repeat:
-                        times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2]
+        def prefilled_cache() -> Any:
+            with torch.no_grad():
+                cache = module.init_cache(batch)
+                module(x, cache=cache)
+            return cache
+
+        def decode(cache: Any) -> None:
+            with torch.no_grad():
+                for _ in range(decode_tokens):
+                    module(x[:, -1:], cache=cache)
 
         t_fwd = time_call(forward, dev, repeats=repeats)
         t_fb = time_call(forward_backward, dev, repeats=repeats)
-        t_decode = decode_seconds()
+        # Only the decode steps are timed, each repeat from a freshly prefilled cache. (Timing prefill + decode and
+        # subtracting a separately timed prefill left the noise of a long prefill in a short decode.)
+        t_decode = time_call(decode, dev, repeats=repeats, setup=prefilled_cache)
         tokens = batch * seq
         compiled_columns: dict[str, Any] = {}
         if compile:

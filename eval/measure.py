@@ -19,17 +19,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    while len(times) < repeats or sum(times) < min_time:
-        start = time.perf_counter()
-        fn()
+def time_call(
+    fn: Callable[..., object],
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 3,
+    min_time: float = 0.0,
+    setup: Callable[[], object] | None = None,
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
+
+    ``setup``: run untimed before every call (the warm-up ones too) and its result passed as ``fn``'s one argument:
+    state that a call consumes, e.g. a freshly prefilled decode cache, so that only ``fn``'s own work is timed.
+    """
+
+    def timed() -> float:
+        args = () if setup is None else (setup(),)
         sync(device)
-        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn(*args)
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed()
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_time:
+        times.append(timed())
         if len(times) >= 50:
             break
     times.sort()

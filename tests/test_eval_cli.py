@@ -4,13 +4,14 @@ import json
 import math
 import os
 import re
+import time
 
 import pytest
 import torch
 
 import seqzoo.training as training
 from seqzoo.eval.cli import main
-from seqzoo.eval.measure import peak_memory
+from seqzoo.eval.measure import peak_memory, time_call
 from tests.helpers import texts_outside
 
 COMMON = [
@@ -179,6 +180,19 @@ class _LoopInsideOneOp(torch.autograd.Function):
 def test_cpu_peak_memory_sees_frees_inside_an_op():
     # Booking frees on the enclosing op (the profiler's per-op columns) would report 10 MiB here.
     assert peak_memory(lambda: _LoopInsideOneOp.apply(torch.zeros(4)), torch.device("cpu")) < 3 * 2**20
+
+
+def test_time_call_gives_every_call_its_own_untimed_setup():
+    made, used = [], []
+
+    def setup() -> int:
+        time.sleep(0.2)  # untimed: far above what appending to a list takes
+        made.append(len(made))
+        return made[-1]
+
+    seconds = time_call(used.append, torch.device("cpu"), warmup=2, repeats=3, setup=setup)
+    assert made == [0, 1, 2, 3, 4] and used == made  # one fresh state per call, warm-ups included
+    assert seconds < 0.1
 
 
 def test_errors_are_one_line(tmp_path, capsys):
